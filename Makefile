@@ -1,0 +1,24 @@
+# The project's one task runner: README and CI call these recipes.
+.DEFAULT_GOAL := help
+SHELL := bash
+
+.PHONY: help setup demo test venv fmt
+
+help: ## List the recipes
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+venv: ## Create (or reuse) the pinned Python environment and print its path
+	@scripts/venv.sh
+
+setup: ## Install everything the demo and tests need: Python environment, workspace build
+	@scripts/venv.sh >/dev/null
+	cargo build --workspace --locked
+
+demo: setup ## Set up, then show what RemoteMedia does today
+	@echo "Set up and built. Nothing serves yet: the model worker (issue A1) is the first server."
+
+test: ## Format check, clippy, and every test tier with per-tier counts
+	@scripts/test.sh
+
+fmt: ## Format the Rust code
+	cargo fmt --all

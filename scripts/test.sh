@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Runs every check and test tier, prints how many tests each tier ran, and fails if a tier that
+# exists ran none. `make test` calls this; `.ci/run` calls `make test`.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+venv=$(scripts/venv.sh)
+export REMOTEMEDIA_PYTHON="$venv/bin/python"
+logs=$(mktemp -d)
+summary=()
+total_passed=0
+total_failed=0
+
+# run_tier NAME COMMAND...: runs one tier, adding up the counts its test runner printed.
+run_tier() {
+  local name=$1 log="$logs/$1.log" start status=0 passed=0 failed=0 ignored=0
+  shift
+  echo "=== tier $name: $*"
+  start=$SECONDS
+  "$@" 2>&1 | tee "$log" || status=$?
+  # cargo: "test result: ok. 3 passed; 0 failed; 1 ignored; ..."; pytest: "== 3 passed, 1 skipped in 0.1s =="
+  read -r passed failed ignored < <(awk '
+    /^test result:/ { p += $4; f += $6; i += $8 }
+    /^=+ .*(passed|failed|error).* in [0-9.]+s/ {
+      for (k = 2; k <= NF; k++) {
+        if ($k ~ /^passed/) p += $(k-1)
+        if ($k ~ /^(failed|errors?)/) f += $(k-1)
+        if ($k ~ /^skipped/) i += $(k-1)
+      }
+    }
+    END { print p+0, f+0, i+0 }' "$log")
+  summary+=("$(printf '%-12s %5d passed %5d failed %5d ignored %5ds' "$name" "$passed" "$failed" "$ignored" $((SECONDS - start)))")
+  total_passed=$((total_passed + passed))
+  total_failed=$((total_failed + failed))
+  if ((status != 0)); then
+    echo "tier $name failed (exit $status)" >&2
+    total_failed=$((total_failed + (failed == 0)))
+  elif ((passed == 0)); then
+    echo "tier $name exists but ran no test" >&2
+    total_failed=$((total_failed + 1))
+  fi
+}
+
+echo "=== format check"
+cargo fmt --all -- --check
+echo "=== clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+run_tier unit cargo test --workspace --locked --lib --bins
+# Integration tests are the `tests/*.rs` targets of the workspace's crates: real processes.
+if compgen -G "*/tests/*.rs" >/dev/null; then
+  run_tier integration cargo test --workspace --locked --test '*'
+fi
+
+echo
+echo "=== summary"
+printf '%s\n' "${summary[@]}"
+echo "total: $total_passed passed, $total_failed failed"
+((total_failed == 0))
