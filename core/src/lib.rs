@@ -6,3 +6,6 @@
 //!   the `SharedMemoryAllocator` with quotas and cleanup.
 //!
 //! The crate depends on no Kubernetes client, no gRPC server and no libtorch.
+
+#[cfg(feature = "model-registry")]
+pub mod model_registry;
