@@ -43,6 +43,7 @@ pub struct RegistryMetrics {
 /// One loaded model, as [`ModelRegistry::list_models`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelInfo {
+    /// The id it was loaded under.
     pub model_id: String,
     /// The Rust type it was loaded as.
     pub type_name: &'static str,
@@ -50,6 +51,7 @@ pub struct ModelInfo {
     pub memory_bytes: u64,
     /// Live handles; 0 means idle.
     pub reference_count: usize,
+    /// When its loader returned.
     pub loaded_at: SystemTime,
     /// The latest time a handle was handed out or dropped.
     pub last_accessed: SystemTime,
@@ -120,6 +122,7 @@ enum Found<T> {
 static GLOBAL: OnceLock<ModelRegistry> = OnceLock::new();
 
 impl ModelRegistry {
+    /// An empty registry. Its TTL sweeper starts with the first request made in a tokio runtime.
     pub fn new(config: RegistryConfig) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -156,6 +159,7 @@ impl ModelRegistry {
         }
     }
 
+    /// The limits and policy it was created with.
     pub fn config(&self) -> &RegistryConfig {
         &self.inner.config
     }
@@ -174,10 +178,7 @@ impl ModelRegistry {
         E: Into<BoxError>,
         F: FnOnce() -> Result<T, E> + Send + 'static,
     {
-        self.get_or_start(model_id, None, move |runtime| {
-            runtime.spawn_blocking(move || loader().map_err(Into::into))
-        })
-        .await
+        self.load_blocking(model_id, None, loader).await
     }
 
     /// [`get_or_load`](Self::get_or_load) with an async loader, run as its own tokio task.
@@ -192,10 +193,7 @@ impl ModelRegistry {
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
-        self.get_or_start(model_id, None, move |runtime| {
-            runtime.spawn(async move { loader().await.map_err(Into::into) })
-        })
-        .await
+        self.load_async(model_id, None, loader).await
     }
 
     /// Loads that count `bytes` against `max_memory_bytes` for a model whose
@@ -221,6 +219,7 @@ impl ModelRegistry {
         models
     }
 
+    /// Counters since creation, and the models and bytes held now.
     pub fn metrics(&self) -> RegistryMetrics {
         let inner = &self.inner;
         let (total_memory_bytes, total_models) = totals(&inner.read());
@@ -279,6 +278,44 @@ impl ModelRegistry {
         self.inner.evict_idle(|_| true)
     }
 
+    async fn load_blocking<T, E, F>(
+        &self,
+        model_id: &str,
+        size_hint: Option<u64>,
+        loader: F,
+    ) -> Result<ModelHandle<T>, RegistryError>
+    where
+        T: RegistryModel,
+        E: Into<BoxError>,
+        F: FnOnce() -> Result<T, E> + Send + 'static,
+    {
+        self.get_or_start(model_id, size_hint, move |runtime| {
+            runtime.spawn_blocking(move || loader().map_err(Into::into))
+        })
+        .await
+    }
+
+    async fn load_async<T, E, F, Fut>(
+        &self,
+        model_id: &str,
+        size_hint: Option<u64>,
+        loader: F,
+    ) -> Result<ModelHandle<T>, RegistryError>
+    where
+        T: RegistryModel,
+        E: Into<BoxError>,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, E>> + Send + 'static,
+    {
+        // Its own task, so that a panicking loader is reported like a panicking sync one.
+        self.get_or_start(model_id, size_hint, move |runtime| {
+            runtime.spawn(async move { loader().await.map_err(Into::into) })
+        })
+        .await
+    }
+
+    /// Answers from the map, or starts a load with `start` and waits for it with the callers
+    /// that join it.
     async fn get_or_start<T, S>(
         &self,
         model_id: &str,
@@ -323,9 +360,7 @@ impl SizedLoad<'_> {
         F: FnOnce() -> Result<T, E> + Send + 'static,
     {
         self.registry
-            .get_or_start(model_id, Some(self.size_hint), move |runtime| {
-                runtime.spawn_blocking(move || loader().map_err(Into::into))
-            })
+            .load_blocking(model_id, Some(self.size_hint), loader)
             .await
     }
 
@@ -342,9 +377,7 @@ impl SizedLoad<'_> {
         Fut: Future<Output = Result<T, E>> + Send + 'static,
     {
         self.registry
-            .get_or_start(model_id, Some(self.size_hint), move |runtime| {
-                runtime.spawn(async move { loader().await.map_err(Into::into) })
-            })
+            .load_async(model_id, Some(self.size_hint), loader)
             .await
     }
 }
@@ -616,12 +649,12 @@ impl Inner {
         self.evict_idle(|usage| usage.idle_for(now).is_some_and(|idle| idle > ttl))
     }
 
-    /// Evicts the idle models `expired` picks; returns how many.
-    fn evict_idle(&self, expired: impl Fn(&Usage) -> bool) -> usize {
+    /// Evicts the idle models `pick` selects; returns how many.
+    fn evict_idle(&self, pick: impl Fn(&Usage) -> bool) -> usize {
         let evicted: Vec<(String, Slot)> = self
             .write()
             .extract_if(|_, slot| match slot {
-                Slot::Loaded(entry) => entry.usage.reference_count() == 0 && expired(&entry.usage),
+                Slot::Loaded(entry) => entry.usage.reference_count() == 0 && pick(&entry.usage),
                 Slot::Loading(_) => false,
             })
             .collect();

@@ -205,8 +205,15 @@ proptest! {
                 Op::Advance(by) => {
                     let before = world.listed();
                     runtime.block_on(tokio::time::sleep(by));
+                    let after = world.listed();
                     if world.config.eviction_policy != EvictionPolicy::Ttl {
-                        prop_assert_eq!(world.listed(), before, "evicted without pressure");
+                        prop_assert_eq!(after, before, "evicted without pressure");
+                    } else {
+                        let now = Instant::now();
+                        for key in before.into_iter().filter(|k| !after.contains(k)) {
+                            let idle = now - world.last_touch[key].unwrap();
+                            prop_assert!(idle > TTL, "{} expired after {idle:?}", KEYS[key]);
+                        }
                     }
                 }
                 Op::Release(key) => {
