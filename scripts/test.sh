@@ -48,6 +48,9 @@ echo "=== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 run_tier unit cargo test --workspace --locked --lib --bins
+# Examples are programs written against the crates' public API only; each asserts what it shows.
+echo "=== examples"
+cargo run --locked -q -p remotemedia-runtime-core --example model_registry
 # Integration tests are the `tests/*.rs` targets of the workspace's crates: real processes.
 if compgen -G "*/tests/*.rs" >/dev/null; then
   run_tier integration cargo test --workspace --locked --test '*'
