@@ -349,3 +349,223 @@ pub(crate) fn size_class(len: NonZeroUsize) -> Result<NonZeroUsize, ShmError> {
             requested: len.get(),
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Barrier;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::tensor::{DataType, TensorError};
+
+    fn config(max_memory_bytes: u64, per_session_quota: u64) -> AllocatorConfig {
+        AllocatorConfig {
+            max_memory_bytes,
+            per_session_quota,
+            ..AllocatorConfig::default()
+        }
+    }
+
+    fn exists(id: &str) -> bool {
+        Path::new("/dev/shm").join(id).exists()
+    }
+
+    #[test]
+    fn sizes_round_up_to_power_of_two_classes_of_at_least_a_page() {
+        let class = |n| size_class(NonZeroUsize::new(n).unwrap()).unwrap().get();
+        assert_eq!(class(1), 4096);
+        assert_eq!(class(4097), 8192);
+        assert_eq!(class(1 << 20), 1 << 20);
+        assert!(size_class(NonZeroUsize::new(usize::MAX).unwrap()).is_err());
+    }
+
+    #[test]
+    fn freed_region_is_reused_so_steady_state_creates_none() {
+        let allocator = SharedMemoryAllocator::new(AllocatorConfig::default());
+        let first = allocator.allocate_tensor(1 << 20, None).unwrap();
+        let id = first.storage().region_id().unwrap();
+        drop(first);
+        for _ in 0..5 {
+            let again = allocator.allocate_tensor(1 << 20, None).unwrap();
+            assert_eq!(again.storage().region_id().unwrap(), id);
+        }
+        let stats = allocator.stats();
+        assert_eq!(stats.regions_created, 1);
+        assert_eq!(stats.pool_hits, 5);
+        assert_eq!(stats.in_use_bytes, 0);
+        assert_eq!(stats.pooled_regions, 1);
+    }
+
+    #[test]
+    fn reused_region_reads_as_zeros() {
+        let allocator = SharedMemoryAllocator::new(AllocatorConfig::default());
+        let mut tensor = allocator.allocate_tensor(8192, None).unwrap();
+        tensor.as_mut_slice().fill(0xEE);
+        drop(tensor);
+        let tensor = allocator.allocate_tensor(8000, None).unwrap();
+        assert_eq!(allocator.stats().pool_hits, 1);
+        assert_eq!(tensor.byte_len(), 8000);
+        assert!(tensor.as_bytes().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn region_still_mapped_by_a_reader_is_freed_not_reused() {
+        let allocator = SharedMemoryAllocator::new(AllocatorConfig::default());
+        let mut tensor = allocator.allocate_tensor(4096, None).unwrap();
+        tensor.as_mut_slice()[0] = 5;
+        let id = tensor.storage().region_id().unwrap();
+        let reader =
+            crate::tensor::TensorBuffer::from_shared_memory(&id, 0, 4096, vec![4096], DataType::U8)
+                .unwrap();
+        drop(tensor);
+        assert!(
+            !exists(&id),
+            "the name goes when the owner frees the tensor"
+        );
+        assert_eq!(reader.as_bytes()[0], 5, "the reader keeps its bytes");
+        let next = allocator.allocate_tensor(4096, None).unwrap();
+        assert_ne!(next.storage().region_id().unwrap(), id);
+        assert_eq!(allocator.stats().regions_created, 2);
+    }
+
+    #[test]
+    fn dropping_the_allocator_unlinks_pooled_regions() {
+        let allocator = SharedMemoryAllocator::new(AllocatorConfig::default());
+        let tensor = allocator.allocate_tensor(4096, None).unwrap();
+        let id = tensor.storage().region_id().unwrap();
+        drop(tensor);
+        assert!(exists(&id), "pooled");
+        drop(allocator);
+        assert!(!exists(&id));
+    }
+
+    #[test]
+    fn session_quota_is_enforced_per_label_and_released_on_free() {
+        let allocator = SharedMemoryAllocator::new(config(1 << 30, 8192));
+        let a = allocator.allocate_tensor(8192, Some("a")).unwrap();
+        let error = allocator.allocate_tensor(1, Some("a")).unwrap_err();
+        assert!(
+            matches!(&error, ShmError::QuotaExceeded { session, requested: 4096, in_use: 8192, quota: 8192 } if session == "a"),
+            "{error}"
+        );
+        assert!(allocator.allocate_tensor(8192, Some("b")).is_ok());
+        assert!(
+            allocator.allocate_tensor(1 << 20, None).is_ok(),
+            "unlabelled: total only"
+        );
+        assert_eq!(allocator.session_usage("a"), 8192);
+        drop(a);
+        assert_eq!(allocator.session_usage("a"), 0);
+        assert!(allocator.allocate_tensor(8192, Some("a")).is_ok());
+    }
+
+    #[test]
+    fn total_limit_is_an_error_unless_heap_fallback_is_allowed() {
+        let allocator = SharedMemoryAllocator::new(config(8192, 1 << 30));
+        let _held = allocator.allocate_tensor(8192, None).unwrap();
+        let error = allocator.allocate_tensor(10, None).unwrap_err();
+        assert!(
+            matches!(error, ShmError::MemoryLimitExceeded { limit: 8192, .. }),
+            "{error}"
+        );
+
+        let allocator = SharedMemoryAllocator::new(AllocatorConfig {
+            allow_heap_fallback: true,
+            ..config(8192, 1 << 30)
+        });
+        let _held = allocator.allocate_tensor(8192, None).unwrap();
+        let heap = allocator.allocate_tensor(10, None).unwrap();
+        assert!(!heap.storage().is_shared());
+        assert_eq!(heap.as_bytes(), &[0; 10]);
+        assert!(matches!(
+            heap.storage().region_id(),
+            Err(TensorError::NotShared)
+        ));
+        assert_eq!(
+            allocator.stats().in_use_bytes,
+            8192,
+            "heap tensors are not charged"
+        );
+    }
+
+    #[test]
+    fn quota_errors_never_fall_back_to_the_heap() {
+        let allocator = SharedMemoryAllocator::new(AllocatorConfig {
+            allow_heap_fallback: true,
+            ..config(1 << 30, 4096)
+        });
+        let _held = allocator.allocate_tensor(4096, Some("s")).unwrap();
+        assert!(matches!(
+            allocator.allocate_tensor(1, Some("s")),
+            Err(ShmError::QuotaExceeded { .. })
+        ));
+    }
+
+    #[test]
+    fn empty_allocation_is_refused() {
+        let allocator = SharedMemoryAllocator::new(AllocatorConfig::default());
+        assert!(matches!(
+            allocator.allocate_tensor(0, None),
+            Err(ShmError::EmptyAllocation)
+        ));
+    }
+
+    #[test]
+    fn cleanup_leaves_live_regions_alone() {
+        let allocator = SharedMemoryAllocator::new(AllocatorConfig::default());
+        let tensor = allocator.allocate_tensor(4096, None).unwrap();
+        let id = tensor.storage().region_id().unwrap();
+        let report = allocator.cleanup_dead_regions().unwrap();
+        assert!(report.alive >= 1);
+        assert!(exists(&id));
+    }
+
+    /// Every thread allocates until refused while holding what it got, all starting together:
+    /// exactly as many allocations succeed as fit, however the threads interleave.
+    fn race(
+        threads: usize,
+        per_thread: usize,
+        limit: u64,
+        quota: u64,
+        label: Option<&str>,
+    ) -> usize {
+        let allocator = SharedMemoryAllocator::new(config(limit, quota));
+        let barrier = Barrier::new(threads);
+        let granted: usize = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        let held: Vec<_> = (0..per_thread)
+                            .map_while(|_| allocator.allocate_tensor(4096, label).ok())
+                            .collect();
+                        let count = held.len();
+                        barrier.wait();
+                        count
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(allocator.stats().in_use_bytes, 0, "everything was freed");
+        granted
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(12))]
+
+        #[test]
+        fn concurrent_allocations_never_exceed_the_session_quota(threads in 2usize..6, pages in 1u64..12) {
+            let granted = race(threads, 12, 1 << 30, pages * 4096, Some("shared-label"));
+            prop_assert_eq!(granted as u64, pages);
+        }
+
+        #[test]
+        fn concurrent_allocations_never_exceed_the_total(threads in 2usize..6, pages in 1u64..12) {
+            let granted = race(threads, 12, pages * 4096, 1 << 30, None);
+            prop_assert_eq!(granted as u64, pages);
+        }
+    }
+}

@@ -273,3 +273,6 @@ typed_views!(
     as_i64_slice => i64,
     as_u8_slice => u8,
 );
+
+#[cfg(test)]
+mod tests;
