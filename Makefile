@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv fmt
+.PHONY: help setup demo test venv fmt bench
 
 help: ## List the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -22,3 +22,6 @@ test: ## Format check, clippy, and every test tier with per-tier counts
 
 fmt: ## Format the Rust code
 	cargo fmt --all
+
+bench: ## Run every benchmark and print its tables (QUICK=1: one pass per row)
+	cargo bench --workspace --locked --bench shm -- $(if $(QUICK),--quick)

@@ -50,6 +50,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 run_tier unit cargo test --workspace --locked --lib --bins
 # Integration tests are the `tests/*.rs` targets of the workspace's crates: real processes.
 if compgen -G "*/tests/*.rs" >/dev/null; then
+  # Some start the crates' examples as the other process; `--test '*'` alone does not build them.
+  cargo build --workspace --locked --examples
   run_tier integration cargo test --workspace --locked --test '*'
 fi
 
