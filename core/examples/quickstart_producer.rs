@@ -1,7 +1,6 @@
 //! Quickstart, producer side: puts a 1 MiB tensor (256 × 1024 `f32`, element `i` = `i`) in
-//! shared memory, prints `region=<id> checksum=<n>`, and keeps the region alive until its stdin
-//! closes. Run `quickstart_consumer <id>` meanwhile.
-use std::io::BufRead;
+//! shared memory, prints `region=<id> checksum=<n>`, and keeps the region alive until a line (or
+//! the end) arrives on stdin. Run `quickstart_consumer <id>` meanwhile.
 
 use remotemedia_runtime_core::tensor::{DataType, SharedMemoryAllocator, TensorBuffer};
 
@@ -17,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let tensor = tensor.reshape(vec![256, 1024], DataType::F32)?;
     println!("region={region_id} checksum={}", checksum(&tensor)?);
-    std::io::stdin().lock().lines().for_each(drop);
+    std::io::stdin().read_line(&mut String::new())?;
     Ok(())
 }
 

@@ -222,3 +222,11 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn tensors_and_allocators_move_between_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<TensorBuffer>();
+    assert_send_sync::<SharedMemoryAllocator>();
+    assert_send_sync::<crate::shm::Region>();
+}
