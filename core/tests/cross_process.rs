@@ -210,9 +210,10 @@ fn a_consumer_reads_64_mib_in_place_without_copying_it() {
     let mut peer = Peer::spawn("shm_peer", &["open", &region, &SIZE.to_string()]);
     assert_eq!(peer.line(), "opened");
     let pid = peer.pid();
-    let (anon, shmem, read) = (
+    let (anon, shmem, peak, read) = (
         status_bytes(pid, "RssAnon:"),
         status_bytes(pid, "RssShmem:"),
+        status_bytes(pid, "VmHWM:"),
         bytes_read(pid),
     );
 
@@ -220,14 +221,20 @@ fn a_consumer_reads_64_mib_in_place_without_copying_it() {
 
     let anon_growth = status_bytes(pid, "RssAnon:").saturating_sub(anon);
     let shmem_growth = status_bytes(pid, "RssShmem:").saturating_sub(shmem);
+    let peak_growth = status_bytes(pid, "VmHWM:").saturating_sub(peak);
     let read_growth = bytes_read(pid) - read;
-    // Read in place: the pages it touched are the shared ones, not private copies, and no
-    // system call carried the bytes.
+    // Read in place: the pages it touched are the shared ones, not private copies (none kept,
+    // and none made even for a moment: the peak grew by the shared pages only), and no system
+    // call carried the bytes.
     assert!(
         shmem_growth >= (SIZE as u64) * 9 / 10,
         "RssShmem grew by {shmem_growth}"
     );
     assert!(anon_growth < 4 << 20, "RssAnon grew by {anon_growth}");
+    assert!(
+        peak_growth < (SIZE as u64) + (8 << 20),
+        "peak RSS grew by {peak_growth}"
+    );
     assert!(
         read_growth < 64 << 10,
         "read {read_growth} bytes through system calls"

@@ -261,22 +261,7 @@ impl Inner {
     /// Takes back a freed tensor's region and uncharges it.
     fn release(&self, lease: &mut Lease) {
         let bytes = lease.class.get() as u64;
-        let reusable = lease.region.take().filter(|region| {
-            // Recycle only what nobody else maps, after giving its memory back to the system.
-            match region.has_readers().and_then(|readers| {
-                if readers {
-                    Ok(false)
-                } else {
-                    region.release_pages().map(|()| true)
-                }
-            }) {
-                Ok(reusable) => reusable,
-                Err(error) => {
-                    tracing::warn!(%error, "not pooling region");
-                    false
-                }
-            }
-        });
+        let reusable = lease.region.take().filter(recyclable);
         let mut books = self.books();
         books.in_use -= bytes;
         if let Some(session) = &lease.session
@@ -304,6 +289,20 @@ impl Inner {
         drop(books);
         drop(surplus);
     }
+}
+
+/// Whether a freed region may go back to the pool: only if nobody else maps it, and only once
+/// its memory went back to the system. Anything else is dropped (unlinked) by the caller.
+fn recyclable(region: &Region) -> bool {
+    let outcome = match region.has_readers() {
+        Ok(true) => Ok(false),
+        Ok(false) => region.release_pages().map(|()| true),
+        Err(error) => Err(error),
+    };
+    outcome.unwrap_or_else(|error| {
+        tracing::warn!(%error, "not pooling region");
+        false
+    })
 }
 
 /// A tensor's claim on the allocator: its region and the bytes charged for it, both given back
