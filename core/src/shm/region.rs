@@ -405,6 +405,32 @@ mod tests {
     }
 
     #[test]
+    fn cleanup_running_alongside_never_removes_a_region_being_created() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = AtomicBool::new(false);
+        let removed = std::thread::scope(|scope| {
+            let cleaner = scope.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    super::super::cleanup_dead_regions().unwrap();
+                }
+            });
+            // Count instead of asserting here, so a failure stops the cleaner instead of hanging.
+            let removed = (0..2000)
+                .filter(|_| {
+                    let region = Region::create_named(NonZeroUsize::new(4096).unwrap()).unwrap();
+                    !std::path::Path::new("/dev/shm")
+                        .join(region.id().as_str())
+                        .exists()
+                })
+                .count();
+            stop.store(true, Ordering::Relaxed);
+            cleaner.join().unwrap();
+            removed
+        });
+        assert_eq!(removed, 0, "live owners' regions were removed");
+    }
+
+    #[test]
     fn only_our_exact_name_shape_counts_as_ours() {
         assert!(is_our_name("remotemedia-42-0123456789abcdef"));
         assert!(!is_our_name("remotemedia-42-0123"));
