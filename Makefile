@@ -24,4 +24,4 @@ fmt: ## Format the Rust code
 	cargo fmt --all
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
-	cargo bench --locked -p remotemedia-runtime-core --bench registry -- $(if $(QUICK),--quick)
+	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)

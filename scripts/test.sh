@@ -53,6 +53,8 @@ echo "=== examples"
 cargo run --locked -q -p remotemedia-runtime-core --example model_registry
 # Integration tests are the `tests/*.rs` targets of the workspace's crates: real processes.
 if compgen -G "*/tests/*.rs" >/dev/null; then
+  # Some start the crates' examples as the other process; `--test '*'` alone does not build them.
+  cargo build --workspace --locked --examples
   run_tier integration cargo test --workspace --locked --test '*'
 fi
 
