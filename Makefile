@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv fmt
+.PHONY: help setup demo test venv fmt fuzz
 
 help: ## List the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -14,11 +14,16 @@ setup: ## Install everything the demo and tests need: Python environment, worksp
 	@scripts/venv.sh >/dev/null
 	cargo build --workspace --locked
 
-demo: setup ## Set up, then show what RemoteMedia does today
-	@echo "Set up and built. Nothing serves yet: the model worker (issue A1) is the first server."
+demo: setup ## Set up, then start a model worker, curl its health, run one inference, stop it
+	@scripts/demo.sh
 
 test: ## Format check, clippy, and every test tier with per-tier counts
 	@scripts/test.sh
 
 fmt: ## Format the Rust code
 	cargo fmt --all
+
+FUZZ_SECONDS ?= 60
+fuzz: ## Fuzz the worker's request decoder for FUZZ_SECONDS (default 60; nightly + cargo-fuzz)
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd worker && cargo +nightly fuzz run decode_request -- -max_total_time=$(FUZZ_SECONDS)

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use axum::{
     Router,
     extract::State,
-    http::{StatusCode, header},
-    response::IntoResponse,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
     routing::get,
 };
 use prometheus_client::registry::Registry;
@@ -31,6 +31,24 @@ pub fn with_health_routes(grpc: Router, health: Health) -> Router {
         .with_state(health)
         .merge(grpc)
 }
+
+/// gRPC's status for a message over the size limit is RESOURCE_EXHAUSTED, as grpc-core and
+/// Triton answer, but tonic's codec answers OUT_OF_RANGE. Our handlers never return OUT_OF_RANGE,
+/// so on a gRPC response it can only be that limit: rewrite it.
+pub async fn size_limit_status(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    if headers.get(GRPC_STATUS).and_then(|code| code.to_str().ok()) == Some(OUT_OF_RANGE_CODE) {
+        headers.insert(
+            GRPC_STATUS,
+            HeaderValue::from_static(RESOURCE_EXHAUSTED_CODE),
+        );
+    }
+    response
+}
+
+const GRPC_STATUS: &str = "grpc-status";
+const OUT_OF_RANGE_CODE: &str = "11";
+const RESOURCE_EXHAUSTED_CODE: &str = "8";
 
 /// The admin port's routes.
 pub fn admin_router(health: Health, registry: Arc<Registry>) -> Router {

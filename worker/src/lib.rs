@@ -120,7 +120,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let router = http::with_health_routes(
         tonic::service::Routes::new(grpc)
             .add_service(health_service)
-            .into_axum_router(),
+            .into_axum_router()
+            .layer(axum::middleware::map_response(http::size_limit_status)),
         health.clone(),
     );
 

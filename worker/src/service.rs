@@ -260,7 +260,13 @@ impl GrpcInferenceService for InferenceService {
                     Ok(Some(request)) => request,
                     Ok(None) => break,
                     Err(status) => {
-                        // The stream itself broke (e.g. a message over the size limit).
+                        // The stream itself broke. tonic reports a message over the size
+                        // limit as OUT_OF_RANGE; gRPC's code for it is RESOURCE_EXHAUSTED.
+                        let status = if status.code() == tonic::Code::OutOfRange {
+                            Status::resource_exhausted(status.message())
+                        } else {
+                            status
+                        };
                         let _ = responses.send(Err(status)).await;
                         break;
                     }
