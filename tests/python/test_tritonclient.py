@@ -113,3 +113,10 @@ def test_shared_memory_registration_is_not_offered_yet(identity):
     with pytest.raises(InferenceServerException) as refused:
         client.register_system_shared_memory("region", "/key", 64)
     assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
+
+
+def test_rpcs_outside_our_subset_are_unimplemented(identity):
+    client = grpcclient.InferenceServerClient(identity.url)
+    with pytest.raises(InferenceServerException) as refused:
+        client.get_model_repository_index()
+    assert refused.value.status() == "StatusCode.UNIMPLEMENTED"

@@ -29,7 +29,7 @@ pub struct Config {
     pub model_path: String,
 
     /// Device to run the model on: `cpu` or `cuda:N`
-    #[arg(long, env = "REMOTEMEDIA_WORKER_DEVICE", default_value = defaults::DEVICE)]
+    #[arg(long, env = "REMOTEMEDIA_WORKER_DEVICE", default_value_t = defaults::DEVICE)]
     pub device: Device,
 
     /// Port for gRPC inference and plain HTTP `GET /health`

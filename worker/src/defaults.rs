@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::config::Device;
+
 /// gRPC inference, plus plain HTTP `GET /health` on the same port.
 pub const GRPC_PORT: u16 = 50051;
 /// `/healthz`, `/readyz` and `/metrics`: what probes and Prometheus use.
@@ -9,7 +11,7 @@ pub const ADMIN_PORT: u16 = 9090;
 /// Address both TCP listeners bind to: a pod is reached through its own IP.
 pub const LISTEN_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::UNSPECIFIED;
 /// The device models run on.
-pub const DEVICE: &str = "cpu";
+pub const DEVICE: Device = Device::Cpu;
 /// Requests running at once; more wait in the queue.
 pub const MAX_CONCURRENCY: usize = 100;
 /// Requests waiting for a free slot; beyond this they are refused with RESOURCE_EXHAUSTED.

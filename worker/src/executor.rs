@@ -58,6 +58,7 @@ impl Executor {
             .clone()
             .acquire_owned()
             .await
+            // Only a closed semaphore fails to give a permit, and this one is never closed.
             .map_err(|_| ServiceError::Panicked)?;
         drop(waiting);
         self.stats.record(Stat::Queue, queued_at.elapsed());

@@ -96,6 +96,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let grpc_listener = bind_tcp("gRPC", port).await?;
     let admin_listener = bind_tcp("admin", admin_port).await?;
     let uds_listener = uds.as_deref().map(bind_unix).transpose()?;
+    let _socket_file = uds.clone().map(SocketFile);
     let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
 
@@ -183,10 +184,6 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     drain(&lifecycle, drain_delay, drain_timeout, &stop, &mut servers).await;
     let _ = stop_admin.send(true);
     let _ = admin.await;
-    if let Some(path) = &uds {
-        // The socket file outlives the listener; leave no stale file for the next start.
-        let _ = std::fs::remove_file(path);
-    }
     tracing::info!("drained; exiting");
     Ok(())
 }
@@ -264,6 +261,16 @@ fn bind_unix(path: &Path) -> Result<UnixListener, RunError> {
     })
 }
 
+/// Removes the Unix socket file when the worker stops, whether it drained or failed: the file
+/// outlives the listener, and a stale one would only confuse the next start.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Writes a fatal start-up error where Kubernetes reads the termination message. A missing
 /// directory means there is no such file to write (outside Kubernetes): skipped silently.
 pub fn write_termination_log(path: &Path, message: &str) -> io::Result<()> {
@@ -274,4 +281,28 @@ pub fn write_termination_log(path: &Path, message: &str) -> io::Result<()> {
         return Ok(());
     }
     std::fs::write(path, format!("{message}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn termination_log_gets_the_error_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("termination-log");
+        write_termination_log(&path, "error: failed to load model 'm'").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "error: failed to load model 'm'\n"
+        );
+    }
+
+    #[test]
+    fn termination_log_is_skipped_where_its_directory_does_not_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("termination-log");
+        write_termination_log(&path, "error: x").unwrap();
+        assert!(!path.exists());
+    }
 }
