@@ -52,15 +52,20 @@ impl Executor {
     /// Waits for a slot (or refuses when the queue is full), then runs one forward pass.
     pub async fn infer(&self, request: InferRequest) -> Result<Vec<OutputTensor>, ServiceError> {
         let queued_at = Instant::now();
-        let waiting = self.enter_queue()?;
-        let slot = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            // Only a closed semaphore fails to give a permit, and this one is never closed.
-            .map_err(|_| ServiceError::Panicked)?;
-        drop(waiting);
+        // A free slot is taken at once; only a request that must wait takes a queue place. The
+        // semaphore hands released slots to waiters first, so this does not overtake them.
+        let slot = match self.slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                let _waiting = self.enter_queue()?;
+                self.slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    // Only a closed semaphore fails to give a permit, and this one never closes.
+                    .map_err(|_| ServiceError::Panicked)?
+            }
+        };
         self.stats.record(Stat::Queue, queued_at.elapsed());
 
         let backend = Arc::clone(&self.backend);
@@ -268,6 +273,17 @@ mod tests {
         running.await.unwrap().unwrap();
         queued.await.unwrap().unwrap();
         assert_eq!(executor.metrics.queue_depth.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_free_slot_needs_no_queue_place() {
+        let backend: Arc<dyn Backend> = ModelSource::parse("builtin://identity")
+            .unwrap()
+            .load()
+            .unwrap()
+            .into();
+        let (executor, _) = executor(backend, 0);
+        executor.infer(request()).await.unwrap();
     }
 
     #[tokio::test]

@@ -116,3 +116,21 @@ fn version_is_printed() {
         format!("remotemedia-model-worker {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn flags_can_come_from_environment_twins() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(BINARY)
+        .env("REMOTEMEDIA_WORKER_MODEL_PATH", "builtin://resnet")
+        .env(
+            "REMOTEMEDIA_WORKER_TERMINATION_LOG",
+            dir.path().join("termination-log"),
+        )
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown built-in model 'resnet'"));
+    let log = std::fs::read_to_string(dir.path().join("termination-log")).unwrap();
+    assert!(log.contains("resnet"), "{log}");
+}
