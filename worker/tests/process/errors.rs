@@ -152,3 +152,30 @@ async fn requests_while_loading_are_unavailable() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }
+
+#[tokio::test]
+async fn stream_message_over_the_size_limit_ends_the_stream_with_resource_exhausted() {
+    let worker = Worker::start(MODEL, &["--max-message-bytes", &LIMIT.to_string()]).await;
+    let mut client = worker.client().await;
+    let oversize = request(
+        "identity",
+        "FP32",
+        &[(LIMIT / 16 + 1) as i64, 4],
+        vec![0; LIMIT + 64],
+    );
+    let mut stream = client
+        .model_stream_infer(tokio_stream::iter(vec![good(), oversize]))
+        .await
+        .unwrap()
+        .into_inner();
+    // The good request's answer may come before or after the error that ends the stream.
+    let status = loop {
+        match stream.message().await {
+            Ok(Some(response)) => assert_eq!(response.error_message, ""),
+            Ok(None) => panic!("the stream ended without an error"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    client.model_infer(good()).await.unwrap();
+}

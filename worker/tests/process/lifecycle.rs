@@ -58,7 +58,7 @@ async fn model_ready(worker: &Worker) -> bool {
 #[tokio::test]
 async fn readiness_follows_the_model_loading() {
     let started = Instant::now();
-    let worker = Worker::spawn("builtin://identity?load_delay_ms=2000", &[]);
+    let worker = Worker::spawn("builtin://identity?load_delay_ms=3000", &[]);
     let grpc = channel(worker.port).await;
     // Served at once, not ready while the model loads.
     assert_eq!(worker.admin("/readyz").await, (503, "loading\n".into()));
@@ -71,7 +71,7 @@ async fn readiness_follows_the_model_loading() {
     );
 
     worker.wait_ready().await;
-    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(started.elapsed() >= Duration::from_secs(3));
     assert_eq!(worker.admin("/readyz").await, (200, "ready\n".into()));
     assert!(model_ready(&worker).await);
     assert_eq!(health(grpc).await, ServingStatus::Serving as i32);
@@ -82,7 +82,7 @@ async fn sigterm_finishes_every_request_in_flight_and_exits_zero() {
     const IN_FLIGHT: usize = 32;
     let mut worker = Worker::start(
         "builtin://identity?infer_delay_ms=2000",
-        &["--drain-delay", "500ms", "--drain-timeout", "20s"],
+        &["--drain-delay", "2s", "--drain-timeout", "20s"],
     )
     .await;
     let client = worker.client().await;
