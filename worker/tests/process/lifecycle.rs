@@ -66,7 +66,7 @@ async fn readiness_follows_the_model_loading() {
     assert!(!model_ready(&worker).await);
     assert_eq!(health(grpc.clone()).await, ServingStatus::NotServing as i32);
     assert!(
-        started.elapsed() < Duration::from_millis(1500),
+        started.elapsed() < Duration::from_millis(2500),
         "the check came too late to mean anything"
     );
 
@@ -113,8 +113,9 @@ async fn sigterm_finishes_every_request_in_flight_and_exits_zero() {
         if health(health_channel.clone()).await == ServingStatus::NotServing as i32 {
             break;
         }
+        // Well inside the drain delay and the requests' 2 s.
         assert!(
-            signalled.elapsed() < Duration::from_millis(300),
+            signalled.elapsed() < Duration::from_secs(1),
             "health still SERVING"
         );
     }
