@@ -143,10 +143,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         "serving; loading the model"
     );
 
-    let load = tokio::task::spawn_blocking({
-        let source = source.clone();
-        move || source.load()
-    });
+    let load = tokio::task::spawn_blocking(move || source.load());
     let shutdown = async {
         tokio::select! {
             _ = terminate.recv() => "SIGTERM",
