@@ -6,9 +6,9 @@
 
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 
-use pyo3::exceptions::PyBufferError;
+use pyo3::exceptions::{PyBufferError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyDict, PyTuple};
 use remotemedia_runtime_core::shm::AllocatorConfig as AllocatorConfigCore;
 use remotemedia_runtime_core::tensor::{self as core, TensorError, check_size};
 
@@ -194,6 +194,7 @@ fn heap_copy(
 
 /// Imports any object with `__dlpack__` as a view of its bytes, checking that it is on the CPU.
 fn import_dlpack(object: &Bound<'_, PyAny>) -> PyResult<ForeignTensor> {
+    let py = object.py();
     if !object.hasattr("__dlpack__")? {
         return Err(errors::raise(
             Kind::Tensor,
@@ -213,8 +214,30 @@ fn import_dlpack(object: &Bound<'_, PyAny>) -> PyResult<ForeignTensor> {
             ),
         ));
     }
-    // No keywords: the unversioned capsule, which every producer still offers.
-    ForeignTensor::consume(&object.call_method0("__dlpack__")?)
+    // DLPack 1.0 first (it can say "read-only", so NumPy exports read-only arrays through it);
+    // producers older than the keyword answer TypeError, and get the unversioned request.
+    let kwargs = PyDict::new(py);
+    kwargs.set_item("max_version", dlpack::DLPACK_VERSION)?;
+    let capsule = match object.call_method("__dlpack__", (), Some(&kwargs)) {
+        Ok(capsule) => capsule,
+        Err(error) if error.is_instance_of::<PyTypeError>(py) => {
+            object.call_method0("__dlpack__")?
+        }
+        Err(error) => return Err(error),
+    };
+    ForeignTensor::consume(&capsule)
+}
+
+/// [`import_dlpack`] for a view kept in a `TensorBuffer`, which needs writable memory.
+fn import_view(object: &Bound<'_, PyAny>, hint: &str) -> PyResult<ForeignTensor> {
+    let view = import_dlpack(object)?;
+    if view.read_only() {
+        return Err(errors::raise(
+            Kind::Tensor,
+            format!("failed to view the tensor in place: it is read-only; {hint}"),
+        ));
+    }
+    Ok(view)
 }
 
 /// The default allocator of `to_shared_memory()` without one: core's default limits.
@@ -265,15 +288,8 @@ impl TensorBuffer {
     #[pyo3(signature = (data, zero_copy = true))]
     fn _new_from_numpy(data: &Bound<'_, PyAny>, zero_copy: bool) -> PyResult<Self> {
         if zero_copy {
-            if let Ok(flags) = data.getattr("flags")
-                && !flags.getattr("writeable")?.is_truthy()?
-            {
-                return Err(errors::raise(
-                    Kind::Tensor,
-                    "failed to view the array in place: it is read-only; pass zero_copy=False to copy it",
-                ));
-            }
-            return Ok(Self::new(Bytes::Foreign(import_dlpack(data)?)));
+            let view = import_view(data, "pass zero_copy=False to copy it")?;
+            return Ok(Self::new(Bytes::Foreign(view)));
         }
         let view = import_dlpack(&contiguous_numpy(data)?)?;
         let copy = heap_copy(view.bytes(), view.shape().to_vec(), view.dtype())
@@ -313,7 +329,8 @@ impl TensorBuffer {
     /// without copying.
     #[staticmethod]
     fn from_dlpack(tensor: &Bound<'_, PyAny>) -> PyResult<Self> {
-        Ok(Self::new(Bytes::Foreign(import_dlpack(tensor)?)))
+        let view = import_view(tensor, "copy it first")?;
+        Ok(Self::new(Bytes::Foreign(view)))
     }
 
     /// Maps `size` bytes at `offset` of the shared-memory region `region_id` (from this or
@@ -350,9 +367,8 @@ impl TensorBuffer {
         dl_device: Option<(i32, i32)>,
         copy: Option<bool>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        // The unversioned capsule answers any `max_version`: the array API lets a producer
-        // return it, and NumPy and torch accept it.
-        let _ = max_version;
+        // DLPack 1.0's capsule for those who accept it: NumPy views unversioned ones read-only.
+        let versioned = max_version.is_some_and(|(major, _)| major >= dlpack::DLPACK_VERSION.0);
         if let Some(stream) = stream
             && !stream.is_none()
         {
@@ -378,11 +394,18 @@ impl TensorBuffer {
             drop(bytes);
             let copy: Held = Arc::new(Mutex::new(Bytes::Core(copy)));
             let data = lock(&copy).data_ptr();
-            return dlpack::export(py, data, &shape, dtype, Box::new(copy));
+            return dlpack::export(py, data, &shape, dtype, Box::new(copy), versioned);
         }
         let data = bytes.data_ptr();
         drop(bytes);
-        dlpack::export(py, data, &shape, dtype, Box::new(Arc::clone(held)))
+        dlpack::export(
+            py,
+            data,
+            &shape,
+            dtype,
+            Box::new(Arc::clone(held)),
+            versioned,
+        )
     }
 
     /// `(kDLCPU, 0)`: tensors live in CPU memory.
