@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv fmt bench fuzz
+.PHONY: help setup demo test venv python-sdk fmt bench fuzz
 
 help: ## List the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -10,9 +10,13 @@ help: ## List the recipes
 venv: ## Create (or reuse) the pinned Python environment and print its path
 	@scripts/venv.sh
 
-setup: ## Install everything the demo and tests need: Python environment, workspace build
+setup: ## Install everything the demo and tests need: Python environment and SDK, workspace build
 	@scripts/venv.sh >/dev/null
 	cargo build --workspace --locked
+	@scripts/python-sdk.sh
+
+python-sdk: ## Build the Python SDK (python/) into a wheel and install it in the Python environment
+	@scripts/python-sdk.sh
 
 demo: setup ## Set up, then start a model worker, curl its health, run one inference, stop it
 	@scripts/demo.sh

@@ -417,6 +417,8 @@ impl TensorBuffer {
     /// the region id another process passes to `from_shared_memory`. The region lives as long
     /// as this tensor (or a view of it).
     #[pyo3(signature = (allocator = None, session_id = None))]
+    // The Python name: it converts the tensor in place, hence `&mut self`.
+    #[allow(clippy::wrong_self_convention)]
     fn to_shared_memory(
         &mut self,
         allocator: Option<PyRef<'_, SharedMemoryAllocator>>,
