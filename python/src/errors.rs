@@ -1,13 +1,15 @@
 //! The exceptions `remotemedia.core` raises, and the one place core's errors become them.
 //!
-//! Each exception derives from `RemoteMediaError` and from the builtin a caller would catch
-//! without knowing this package (`ValueError` for bad arguments, `LookupError` for an unknown
-//! region, `MemoryError` for quotas, `OSError` for the system, `RuntimeError` for the registry).
-//! PyO3's `create_exception!` takes a single base, so the types are built with `type()`.
+//! Each exception derives from `RemoteMediaError` and from the builtins a caller would catch
+//! without knowing this package: `ValueError` for bad arguments, `KeyError` and `ValueError` for
+//! an unknown region, `MemoryError` for quotas, `OSError` for the system, `RuntimeError` for the
+//! registry. PyO3's `create_exception!` takes a single base, so the types are built with `type()`.
 
 use std::error::Error;
 
-use pyo3::exceptions::{PyLookupError, PyMemoryError, PyOSError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{
+    PyBaseException, PyKeyError, PyMemoryError, PyOSError, PyRuntimeError, PyValueError,
+};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
@@ -57,11 +59,23 @@ fn types(py: Python<'_>) -> PyResult<&Types> {
                 "A tensor's shape, dtype, size or offset does not fit, or the tensor was freed.",
                 py.get_type::<PyValueError>(),
             )?,
-            region_not_found: derived(
-                "RegionNotFoundError",
-                "No shared-memory region has this id (it was freed, or never existed).",
-                py.get_type::<PyLookupError>(),
-            )?,
+            // A KeyError (lookup by id) and a ValueError (a bad argument), so that either
+            // `except` a caller might write catches it; KeyError's quoting `__str__` is undone.
+            region_not_found: {
+                let ty = new_type(
+                    py,
+                    "RegionNotFoundError",
+                    "No shared-memory region has this id (it was freed, or never existed).",
+                    &[
+                        base.bind(py).clone(),
+                        py.get_type::<PyKeyError>(),
+                        py.get_type::<PyValueError>(),
+                    ],
+                )?;
+                let plain_str = py.get_type::<PyBaseException>().getattr("__str__")?;
+                ty.bind(py).setattr("__str__", plain_str)?;
+                ty
+            },
             allocation: derived(
                 "AllocationError",
                 "An allocation would exceed a session quota or the allocator's limit.",
