@@ -1,5 +1,7 @@
 """remotemedia.core's model registry from Python: single flight, errors, the GIL, configuration."""
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -99,29 +101,43 @@ def test_raising_loader_reaches_every_waiter_and_does_not_poison_the_key():
     assert registry.get_or_load("llm", failing_loader) is model
 
 
-def test_waiting_caller_releases_the_gil_so_the_loader_can_run_python():
-    registry = ModelRegistry()
-    loader_started = threading.Event()
-    may_finish = threading.Event()
-    result = []
+GIL_PROBE = """
+import threading
+from remotemedia.core import ModelRegistry
 
-    def loader():
-        # Running this line needs the GIL; the caller waits in Rust meanwhile.
-        loader_started.set()
-        may_finish.wait(timeout=30)
-        return Model("asr")
+registry = ModelRegistry()
+loader_started = threading.Event()
+may_finish = threading.Event()
+result = []
 
-    caller = threading.Thread(target=lambda: result.append(registry.get_or_load("asr", loader)))
-    caller.start()
+def loader():
+    # Running this line needs the GIL, while the caller waits in Rust.
+    loader_started.set()
+    may_finish.wait(timeout=30)
+    return "asr"
+
+caller = threading.Thread(target=lambda: result.append(registry.get_or_load("asr", loader)))
+caller.start()
+assert loader_started.wait(timeout=10), "the loader never ran"
+assert sum(range(10_000)) == 49_995_000  # this thread runs Python too, meanwhile
+assert caller.is_alive()
+may_finish.set()
+caller.join(timeout=30)
+print(result[0])
+"""
+
+
+def test_waiting_caller_releases_the_gil_so_the_loader_and_other_threads_run_python():
+    # In a child process: a caller that kept the GIL while waiting would hang the whole
+    # interpreter (the loader needs the GIL to finish), which only a timeout from outside reports.
     try:
-        assert loader_started.wait(timeout=10), "the loader never ran: the waiting caller held the GIL"
-        # This thread runs Python too while the caller is still waiting.
-        assert sum(range(10_000)) == 49_995_000
-        assert caller.is_alive()
-    finally:
-        may_finish.set()
-        caller.join(timeout=30)
-    assert result[0].name == "asr"
+        probe = subprocess.run(
+            [sys.executable, "-c", GIL_PROBE], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter hung: the caller waiting in get_or_load held the GIL")
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "asr"
 
 
 def test_metrics_and_list_models_report_hits_and_declared_sizes():
