@@ -25,6 +25,46 @@ class Model:
         self.name = name
 
 
+GIL_PROBE = """
+import threading
+from remotemedia.core import ModelRegistry
+
+registry = ModelRegistry()
+loader_started = threading.Event()
+may_finish = threading.Event()
+result = []
+
+def loader():
+    # Running this line needs the GIL, while the caller waits in Rust.
+    loader_started.set()
+    may_finish.wait(timeout=30)
+    return "asr"
+
+caller = threading.Thread(target=lambda: result.append(registry.get_or_load("asr", loader)))
+caller.start()
+assert loader_started.wait(timeout=10), "the loader never ran"
+assert sum(range(10_000)) == 49_995_000  # this thread runs Python too, meanwhile
+assert caller.is_alive()
+may_finish.set()
+caller.join(timeout=30)
+print(result[0])
+"""
+
+
+# First in the file: without a released GIL, every other test here hangs instead of failing.
+def test_waiting_caller_releases_the_gil_so_the_loader_and_other_threads_run_python():
+    # In a child process: a caller that kept the GIL while waiting would hang the whole
+    # interpreter (the loader needs the GIL to finish), which only a timeout from outside reports.
+    try:
+        probe = subprocess.run(
+            [sys.executable, "-c", GIL_PROBE], capture_output=True, text=True, timeout=60
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interpreter hung: the caller waiting in get_or_load held the GIL")
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "asr"
+
+
 def test_get_or_load_returns_the_same_object_and_loads_once():
     calls = []
 
@@ -99,45 +139,6 @@ def test_raising_loader_reaches_every_waiter_and_does_not_poison_the_key():
     model = registry.get_or_load("llm", lambda: Model("llm"))
     assert model.name == "llm"
     assert registry.get_or_load("llm", failing_loader) is model
-
-
-GIL_PROBE = """
-import threading
-from remotemedia.core import ModelRegistry
-
-registry = ModelRegistry()
-loader_started = threading.Event()
-may_finish = threading.Event()
-result = []
-
-def loader():
-    # Running this line needs the GIL, while the caller waits in Rust.
-    loader_started.set()
-    may_finish.wait(timeout=30)
-    return "asr"
-
-caller = threading.Thread(target=lambda: result.append(registry.get_or_load("asr", loader)))
-caller.start()
-assert loader_started.wait(timeout=10), "the loader never ran"
-assert sum(range(10_000)) == 49_995_000  # this thread runs Python too, meanwhile
-assert caller.is_alive()
-may_finish.set()
-caller.join(timeout=30)
-print(result[0])
-"""
-
-
-def test_waiting_caller_releases_the_gil_so_the_loader_and_other_threads_run_python():
-    # In a child process: a caller that kept the GIL while waiting would hang the whole
-    # interpreter (the loader needs the GIL to finish), which only a timeout from outside reports.
-    try:
-        probe = subprocess.run(
-            [sys.executable, "-c", GIL_PROBE], capture_output=True, text=True, timeout=60
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail("the interpreter hung: the caller waiting in get_or_load held the GIL")
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "asr"
 
 
 def test_metrics_and_list_models_report_hits_and_declared_sizes():
