@@ -132,7 +132,7 @@ class ModelRegistry:
         GIL released. An exception raised by ``loader`` is raised to every waiting caller, and the
         next call loads again. ``memory_bytes`` is what the model counts against
         ``max_memory_bytes``. A loader must not ``get_or_load`` its own ``model_id`` (it would
-        wait for itself).
+        wait for itself). Ctrl-C during the wait takes effect when the load finishes.
         """
     def metrics(self) -> RegistryMetrics: ...
     def list_models(self) -> list[ModelInfo]:

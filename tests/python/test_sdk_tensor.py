@@ -253,3 +253,30 @@ def test_allocator_reuses_a_freed_region(allocator):
     allocator.allocate_tensor(MiB)
     stats = allocator.stats()
     assert (stats.regions_created, stats.pool_hits) == (1, 1)
+
+
+def test_unversioned_capsule_is_exported_to_consumers_that_do_not_ask_for_dlpack_1(allocator):
+    tensor = allocator.allocate_tensor(64)
+    capsule = tensor.__dlpack__()  # no max_version: a pre-1.0 consumer
+    as_torch = torch.from_dlpack(capsule)
+    assert as_torch.data_ptr() == address(tensor.to_numpy())
+
+
+class OldProducer:
+    """A DLPack producer from before DLPack 1.0: `__dlpack__` takes no `max_version`."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __dlpack__(self, stream=None):
+        return torch.utils.dlpack.to_dlpack(self.tensor)
+
+    def __dlpack_device__(self):
+        return self.tensor.__dlpack_device__()
+
+
+def test_from_dlpack_falls_back_to_producers_without_max_version():
+    source = torch.arange(6, dtype=torch.int32)
+    tensor = TensorBuffer.from_dlpack(OldProducer(source))
+    assert address(tensor.to_numpy()) == source.data_ptr()
+    np.testing.assert_array_equal(tensor.to_numpy(), np.arange(6, dtype=np.int32))
