@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv fmt
+.PHONY: help setup demo test venv fmt cluster-up cluster-down e2e
 
 help: ## List the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -22,3 +22,12 @@ test: ## Format check, clippy, and every test tier with per-tier counts
 
 fmt: ## Format the Rust code
 	cargo fmt --all
+
+cluster-up: ## Start the local Kubernetes control plane (see e2e/cluster.sh env for KUBECONFIG)
+	@e2e/cluster.sh up
+
+cluster-down: ## Stop the local control plane; fails if a port stays open
+	@e2e/cluster.sh down
+
+e2e: ## Run only the end-to-end tier: control plane up, e2e tests, control plane down
+	@e2e/test.sh

@@ -48,10 +48,14 @@ echo "=== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 run_tier unit cargo test --workspace --locked --lib --bins
-# Integration tests are the `tests/*.rs` targets of the workspace's crates: real processes.
-if compgen -G "*/tests/*.rs" >/dev/null; then
-  run_tier integration cargo test --workspace --locked --test '*'
+# Integration tests are the `tests/*.rs` targets of the workspace's crates but the e2e crate's:
+# real processes.
+if compgen -G "*/tests/*.rs" | grep -qv '^e2e/'; then
+  run_tier integration cargo test --workspace --exclude remotemedia-e2e --locked --test '*'
 fi
+# End-to-end: the e2e crate's tests against a local Kubernetes control plane that e2e/test.sh
+# starts and tears down (a cold cache first builds it from the pinned Go modules).
+run_tier e2e e2e/test.sh
 
 echo
 echo "=== summary"
