@@ -201,8 +201,11 @@ up() {
 
   # Admission plugins are left at the API server's defaults (NamespaceLifecycle, LimitRanger,
   # ServiceAccount, DefaultTolerationSeconds, ResourceQuota, PodSecurity, ...).
+  # The advertised address only becomes the endpoint of the `kubernetes` Service, which endpoint
+  # validation refuses to be loopback; nothing dials it (kwok's pods do not run), so it is one
+  # from TEST-NET-1 (RFC 5737), which is never routed, rather than the host's.
   start kube-apiserver --bind-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
-    --advertise-address=127.0.0.1 \
+    --advertise-address=192.0.2.1 \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
     --client-ca-file="$pki/ca.crt" \

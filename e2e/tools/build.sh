@@ -4,6 +4,7 @@
 # script, and prints the folder that holds them. The folder lives in the cache
 # ($REMOTEMEDIA_CACHE/k8s-<key>/bin), keyed by the hash of the pins, the wrappers, this script and
 # the Go version, and is reused when present: only a cold cache builds (tens of minutes on 2 cores).
+# Beside bin/, share/kwok-stages.yaml holds kwok's default stages from the pinned module.
 set -euo pipefail
 tools=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=../versions.env
@@ -80,6 +81,17 @@ build kubernetes ./kube-scheduler kube-scheduler "$k8s_ldflags"
 build etcd . etcd ""
 build kwok . kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
 build helm . helm "-X helm.sh/helm/v4/internal/version.version=$HELM_VERSION"
+
+# kwok's default stages (how simulated nodes and pods progress: initialize, lease heartbeats, pods
+# ready, complete, deleted) ship as YAML in its module, not in the binary; kwok's own cluster tool
+# feeds the same files in through --config.
+kwok_module=$(cd "$tools/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)
+mkdir -p "$dir/share"
+for stage in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with-lease \
+  pod/fast/pod-ready pod/fast/pod-complete pod/fast/pod-delete; do
+  echo ---
+  cat "$kwok_module/kustomize/stage/$stage.yaml"
+done >"$dir/share/kwok-stages.yaml"
 
 touch "$dir/.complete"
 echo "$dir/bin"
