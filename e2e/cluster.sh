@@ -70,14 +70,15 @@ EOF
   fail "failed to find six free consecutive ports between 20000 and 30800"
 }
 
-# cert NAME SUBJECT [EXTENSIONS]: a key and a certificate signed by the cluster CA.
+# cert NAME SUBJECT [EXTENSIONS [CA]]: a key and a certificate signed by CA (the cluster's
+# by default).
 cert() {
-  local name=$1 subject=$2 ext=${3:-}
+  local name=$1 subject=$2 ext=${3:-} ca=${4:-ca}
   openssl genrsa -out "$pki/$name.key" 2048 2>/dev/null
   openssl req -new -key "$pki/$name.key" -subj "$subject" -out "$pki/$name.csr" 2>/dev/null
   printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
     "${ext:-extendedKeyUsage=clientAuth}" >"$pki/$name.ext"
-  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial \
+  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/$ca.crt" -CAkey "$pki/$ca.key" -CAcreateserial \
     -days 30 -sha256 -extfile "$pki/$name.ext" -out "$pki/$name.crt" 2>/dev/null
 }
 
@@ -96,6 +97,12 @@ make_pki() {
   # kwok plays every node's kubelet; Node authorization admits one node per identity only, so it
   # acts as an administrator, as kwok's own cluster tool sets it up.
   cert kwok "/O=system:masters/CN=kwok"
+  # The aggregation layer: the API server proxies to extension API servers (metrics, custom APIs)
+  # as this client, and they trust the user it names in headers because this CA signed it.
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/front-proxy-ca.key" -out "$pki/front-proxy-ca.crt" \
+    -days 30 -subj "/CN=remotemedia-e2e-front-proxy-ca" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+  cert front-proxy-client "/CN=front-proxy-client" "extendedKeyUsage=clientAuth" front-proxy-ca
   # The controller manager signs service-account tokens with the private half, the API server
   # verifies them with the public half.
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
@@ -213,6 +220,10 @@ up() {
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --service-cluster-ip-range=10.96.0.0/16 \
+    --requestheader-client-ca-file="$pki/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$pki/front-proxy-client.crt" --proxy-client-key-file="$pki/front-proxy-client.key" \
     --allow-privileged=true
   wait_healthy kube-apiserver "https://127.0.0.1:$APISERVER_PORT/readyz" \
     --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key"
