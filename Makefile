@@ -5,7 +5,7 @@ SHELL := bash
 .PHONY: help setup demo test venv fmt cluster-up cluster-down e2e
 
 help: ## List the recipes
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 venv: ## Create (or reuse) the pinned Python environment and print its path
 	@scripts/venv.sh

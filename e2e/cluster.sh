@@ -82,11 +82,16 @@ cert() {
     -days 30 -sha256 -extfile "$pki/$name.ext" -out "$pki/$name.crt" 2>/dev/null
 }
 
+# ca NAME: a self-signed certificate authority.
+ca() {
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/$1.key" -out "$pki/$1.crt" -days 30 \
+    -subj "/CN=remotemedia-e2e-$1" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+}
+
 make_pki() {
   mkdir -p "$pki"
-  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/ca.key" -out "$pki/ca.crt" -days 30 \
-    -subj "/CN=remotemedia-e2e-ca" -addext "basicConstraints=critical,CA:TRUE" \
-    -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+  ca ca
   # The API server answers on loopback and, for pods, as the in-cluster Service names and IP.
   cert apiserver "/CN=kube-apiserver" "$(printf '%s\n' "extendedKeyUsage=serverAuth" \
     "subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")"
@@ -99,9 +104,7 @@ make_pki() {
   cert kwok "/O=system:masters/CN=kwok"
   # The aggregation layer: the API server proxies to extension API servers (metrics, custom APIs)
   # as this client, and they trust the user it names in headers because this CA signed it.
-  openssl req -x509 -newkey rsa:2048 -nodes -keyout "$pki/front-proxy-ca.key" -out "$pki/front-proxy-ca.crt" \
-    -days 30 -subj "/CN=remotemedia-e2e-front-proxy-ca" -addext "basicConstraints=critical,CA:TRUE" \
-    -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+  ca front-proxy-ca
   cert front-proxy-client "/CN=front-proxy-client" "extendedKeyUsage=clientAuth" front-proxy-ca
   # The controller manager signs service-account tokens with the private half, the API server
   # verifies them with the public half.
