@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv fmt bench
+.PHONY: help setup demo test venv fmt bench fuzz-broker
 
 help: ## List the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -25,3 +25,8 @@ fmt: ## Format the Rust code
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)
+	cargo bench --locked -p remotemedia-sidecar --bench broker -- $(if $(QUICK),--quick)
+
+FUZZ_SECONDS ?= 60
+fuzz-broker: ## Fuzz the broker packet decoder for FUZZ_SECONDS (default 60; needs nightly and cargo-fuzz)
+	cd core && cargo +nightly fuzz run broker_packet -- -max_total_time=$(FUZZ_SECONDS)

@@ -115,3 +115,52 @@ impl Args {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let argv = ["remotemedia-sidecar", "--memory-limit-bytes", "4294967296"];
+        Args::try_parse_from(argv.iter().chain(args))
+            .unwrap()
+            .validate()
+    }
+
+    #[test]
+    fn defaults_follow_the_design_table() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.socket_dir, PathBuf::from("/run/remotemedia"));
+        assert_eq!(config.admin_port, 9091);
+        assert_eq!(config.limits.max_shm_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn zero_limits_and_relative_socket_dirs_are_refused() {
+        assert!(matches!(
+            parse(&["--label-quota-bytes", "0"]),
+            Err(ConfigError::Zero {
+                flag: "--label-quota-bytes"
+            })
+        ));
+        assert!(matches!(
+            parse(&["--socket-dir", "run/rm"]),
+            Err(ConfigError::RelativeSocketDir(_))
+        ));
+    }
+
+    #[test]
+    fn a_budget_that_does_not_fit_the_given_limit_is_refused() {
+        let error = parse(&["--max-shm-bytes", "4026531841"]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("does not fit under the container memory limit of 4294967296 bytes"),
+            "{error}"
+        );
+        assert!(
+            parse(&["--max-shm-bytes", "4026531840"]).is_ok(),
+            "exactly fits"
+        );
+    }
+}

@@ -66,6 +66,11 @@ pub struct AllocatorStats {
 /// Each tensor is its own region, so it starts at offset 0 of the id it hands out. A freed
 /// tensor's region goes back to the pool, with its pages returned to the system, unless a reader
 /// still maps it, in which case it is unlinked and its memory goes when the last reader unmaps.
+///
+/// With `REMOTEMEDIA_SIDECAR` set, regions come from the node broker, charged there to this
+/// process's session and to the tensor's session label. Brokered regions are not pooled: only
+/// the broker knows whether another process still holds one, so a freed tensor's region is
+/// released to it.
 #[derive(Clone, Debug)]
 pub struct SharedMemoryAllocator {
     inner: Arc<Inner>,

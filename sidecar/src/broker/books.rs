@@ -124,10 +124,6 @@ impl Books {
         }
     }
 
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-
     fn state(&self) -> MutexGuard<'_, State> {
         // Every update below is plain arithmetic and map edits that cannot panic halfway.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -302,7 +298,7 @@ impl Books {
         fd: OwnedFd,
     ) -> Result<(), Refusal> {
         let size = size.get();
-        if size % PAGE != 0 {
+        if !size.is_multiple_of(PAGE) {
             return Err(refuse(
                 ErrorCode::InvalidArgument,
                 "region size is not whole pages",

@@ -89,7 +89,7 @@ async fn serve_connection(connection: OwnedFd, books: &Books, metrics: &Metrics)
         };
         let kind = request.kind();
         let reply = match (&session, request) {
-            (None, Request::Hello { label }) => match books.open_session(label) {
+            (None, Request::Hello { label }) => Some(match books.open_session(label) {
                 Ok(ticket) => {
                     session = Some(SessionGuard {
                         books,
@@ -101,13 +101,14 @@ async fn serve_connection(connection: OwnedFd, books: &Books, metrics: &Metrics)
                     }
                 }
                 Err(refusal) => Response::Error(refusal),
-            },
-            (Some(_), Request::Hello { .. }) | (None, _) => {
-                metrics.protocol_error("out_of_order");
-                tracing::info!(kind, "closing broker connection: request out of order");
-                return Ok(());
-            }
+            }),
             (Some(guard), request) => handle(books, guard.id, request),
+            (None, _) => None,
+        };
+        let Some(reply) = reply else {
+            metrics.protocol_error("out_of_order");
+            tracing::info!(kind, "closing broker connection: request out of order");
+            return Ok(());
         };
         metrics.request(kind, &reply);
         metrics.observe(books);
@@ -116,8 +117,13 @@ async fn serve_connection(connection: OwnedFd, books: &Books, metrics: &Metrics)
     }
 }
 
-/// One request of an open session, answered.
-fn handle(books: &Books, session: SessionId, request: Request<OwnedFd>) -> Response<Arc<OwnedFd>> {
+/// One request of an open session, answered; `None` for a second Hello, which ends the
+/// connection.
+fn handle(
+    books: &Books,
+    session: SessionId,
+    request: Request<OwnedFd>,
+) -> Option<Response<Arc<OwnedFd>>> {
     let answer = match request {
         Request::Allocate { size, label } => {
             books
@@ -143,9 +149,9 @@ fn handle(books: &Books, session: SessionId, request: Request<OwnedFd>) -> Respo
             .adopt(session, key, size, label, owner, fd)
             .map(|()| Response::Adopted),
         Request::Stats => Ok(Response::Stats(books.stats(session))),
-        Request::Hello { .. } => unreachable!("handled by the caller"),
+        Request::Hello { .. } => return None,
     };
-    answer.unwrap_or_else(Response::Error)
+    Some(answer.unwrap_or_else(Response::Error))
 }
 
 fn error_category(
