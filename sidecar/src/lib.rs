@@ -50,6 +50,7 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
         admin_port,
         limits,
     } = config;
+    raise_descriptor_limit();
     let broker_path = socket_dir.join(BROKER_SOCKET);
     let listener = bind_broker(&socket_dir, &broker_path)?;
     let admin_addr = SocketAddr::new(admin_address, admin_port);
@@ -120,6 +121,24 @@ fn bind_broker(dir: &Path, path: &Path) -> Result<std::os::fd::OwnedFd, SidecarE
     // by its id (a capability), not by file permissions, and pods run as arbitrary users.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_error)?;
     Ok(listener)
+}
+
+/// Every live region is a descriptor in the sidecar, and every client a socket: the usual soft
+/// limit of 1024 would refuse regions long before memory runs out, so take the hard limit.
+fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(limit = ?limit.maximum, "raised the descriptor limit"),
+        Err(error) => tracing::warn!(%error, "failed to raise the descriptor limit"),
+    }
 }
 
 async fn shutdown_signal() {
