@@ -144,16 +144,17 @@ impl Region {
 
     /// Maps a brokered region whose handle this process holds.
     pub fn from_handle(handle: Arc<RegionHandle>, access: Access) -> Result<Self, ShmError> {
-        let id = RegionId(handle.key().to_hex());
         let len = usize::try_from(handle.size().get())
             .ok()
             .and_then(NonZeroUsize::new)
             .ok_or(ShmError::TooLarge {
                 requested: usize::MAX,
             })?;
-        let mapping = Mapping::map(handle.fd(), len, access).map_err(|e| os("map", &id, e))?;
+        // Errors name the backend, not the id: a brokered id is a capability, kept out of logs.
+        let mapping = Mapping::map(handle.fd(), len, access)
+            .map_err(|e| os("map", &RegionId("(brokered)".into()), e))?;
         Ok(Self {
-            id,
+            id: RegionId(handle.key().to_hex()),
             access,
             mapping,
             holder: Holder::Brokered(handle),

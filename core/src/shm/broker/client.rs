@@ -238,11 +238,10 @@ impl Shared {
             let mut connection = self.connection();
             let mut retried = false;
             loop {
-                if connection.is_none() {
-                    *connection = Some(self.handshake(&mut adopted)?);
-                }
-                let socket = connection.as_ref().map(|c| c.socket.as_fd());
-                let socket = socket.expect("connected just above");
+                let socket = match &mut *connection {
+                    Some(connected) => connected.socket.as_fd(),
+                    slot @ None => slot.insert(self.handshake(&mut adopted)?).socket.as_fd(),
+                };
                 match socket::round_trip(socket, &bytes, request.descriptor().copied()) {
                     Ok(packet) => {
                         let reply = decode_reply(packet);
