@@ -7,6 +7,7 @@ use std::num::NonZeroU64;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use super::memfd::{self, SealError};
 use super::socket::{self, RecvError};
@@ -62,8 +63,9 @@ impl BrokerError {
 /// A session with the node broker. Cheap to clone; clones share the session.
 ///
 /// Regions come back as [`RegionHandle`]s; dropping the last clone of a handle releases this
-/// session's hold. If the broker restarts, the next call reconnects, hands every live handle
-/// back (Adopt) and then carries on.
+/// session's hold. If the broker restarts, a watcher thread reconnects as soon as the new one
+/// listens and hands every live handle back (Adopt), so other processes can keep opening this
+/// process's regions by id; a call that finds the connection gone does the same first.
 #[derive(Clone, Debug)]
 pub struct BrokerClient {
     shared: Arc<Shared>,
@@ -74,6 +76,8 @@ struct Shared {
     socket_path: PathBuf,
     label: String,
     connection: Mutex<Option<Connection>>,
+    /// Counts handshakes, so the watcher can tell the connection it saw hang up from a newer one.
+    generations: std::sync::atomic::AtomicU64,
     live: Mutex<Live>,
 }
 
@@ -81,7 +85,13 @@ struct Shared {
 struct Connection {
     socket: OwnedFd,
     token: SessionToken,
+    generation: u64,
 }
+
+/// How long the watcher waits on one connection before checking that its client still exists.
+const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// Reconnect back-off while the broker is away: doubling from the first to the last.
+const RETRY_DELAYS: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(2));
 
 /// Every handle alive in this process, so a reconnect can adopt them back.
 #[derive(Debug, Default)]
@@ -142,12 +152,21 @@ impl BrokerClient {
                 socket_path: socket_dir.join(BROKER_SOCKET),
                 label,
                 connection: Mutex::new(None),
+                generations: Default::default(),
                 live: Mutex::default(),
             }),
         };
         let mut connection = client.shared.connection();
         *connection = Some(client.shared.handshake(&mut Vec::new())?);
         drop(connection);
+        let watched = Arc::downgrade(&client.shared);
+        // Without the watcher the client still works; it only reconnects later, on its next call.
+        if let Err(error) = std::thread::Builder::new()
+            .name("remotemedia-broker-watch".into())
+            .spawn(move || watch(watched))
+        {
+            tracing::warn!(%error, "failed to start the broker connection watcher");
+        }
         Ok(client)
     }
 
@@ -296,7 +315,34 @@ impl Shared {
                 Err(error) => tracing::warn!(%error, "broker did not adopt a region"),
             }
         }
-        Ok(Connection { socket, token })
+        let generation = 1 + self
+            .generations
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Connection {
+            socket,
+            token,
+            generation,
+        })
+    }
+
+    /// Replaces the connection of generation `stale` (or no connection) with a fresh one, unless
+    /// a call already did.
+    fn reconnect(&self, stale: u64) -> Result<(), BrokerError> {
+        let mut adopted = Vec::new();
+        let result = {
+            let mut connection = self.connection();
+            match &*connection {
+                Some(current) if current.generation != stale => Ok(()),
+                _ => {
+                    *connection = None;
+                    self.handshake(&mut adopted)
+                        .map(|fresh| *connection = Some(fresh))
+                }
+            }
+        };
+        // As in `call`: adopted handles may release on drop, which takes the connection lock.
+        drop(adopted);
+        result
     }
 
     /// Checks a received region and records it as live.
@@ -340,6 +386,68 @@ impl Shared {
             Ok(other) => tracing::warn!(reply = kind(&other), "broker did not release a region"),
             Err(BrokerError::Transport(_)) => *connection = None,
             Err(error) => tracing::warn!(%error, "broker did not release a region"),
+        }
+    }
+}
+
+/// The watcher thread: waits for the broker to hang up on the current connection (it restarted)
+/// and reconnects right away, retrying with back-off while no broker listens. It holds only a
+/// weak reference, and ends once the client is gone.
+fn watch(shared: Weak<Shared>) {
+    let mut delay = RETRY_DELAYS.0;
+    loop {
+        let Some(client) = shared.upgrade() else {
+            return;
+        };
+        let watched = client
+            .connection()
+            .as_ref()
+            .map(|c| (c.generation, c.socket.try_clone()));
+        drop(client);
+        let stale = match watched {
+            Some((generation, Ok(socket))) => {
+                if !hung_up(&socket) {
+                    delay = RETRY_DELAYS.0;
+                    continue;
+                }
+                generation
+            }
+            // No connection (a call failed, or the last reconnect did): try again after a pause.
+            Some((_, Err(_))) | None => {
+                std::thread::sleep(delay);
+                0
+            }
+        };
+        let Some(client) = shared.upgrade() else {
+            return;
+        };
+        if let Err(error) = client.reconnect(stale) {
+            tracing::debug!(%error, "broker not back yet");
+            drop(client);
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(RETRY_DELAYS.1);
+        }
+    }
+}
+
+/// Waits up to [`WATCH_INTERVAL`] for the peer to hang up; true if it did. Only hang-up events
+/// are asked for, so replies that the connection's owner is about to read do not wake it.
+fn hung_up(socket: &OwnedFd) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(socket, PollFlags::RDHUP)];
+    let timeout = Timespec {
+        tv_sec: WATCH_INTERVAL.as_secs() as i64,
+        tv_nsec: i64::from(WATCH_INTERVAL.subsec_nanos()),
+    };
+    match rustix::event::poll(&mut fds, Some(&timeout)) {
+        Ok(0) | Err(rustix::io::Errno::INTR) => false,
+        Ok(_) => fds[0]
+            .revents()
+            .intersects(PollFlags::HUP | PollFlags::RDHUP | PollFlags::ERR),
+        // Not a hang-up: pause so a persistent error cannot spin.
+        Err(_) => {
+            std::thread::sleep(WATCH_INTERVAL);
+            false
         }
     }
 }
