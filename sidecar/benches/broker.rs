@@ -170,7 +170,10 @@ fn round_trip(client: &BrokerClient, passes: u32) -> Result<()> {
     Ok(())
 }
 
+/// Mean time of `op` over `passes` calls, after one untimed call (first-use costs such as a
+/// thread starting or a size class's first region are not what a row measures).
 fn mean(passes: u32, mut op: impl FnMut() -> Result<()>) -> Result<Duration> {
+    op()?;
     let start = Instant::now();
     for _ in 0..passes {
         op()?;

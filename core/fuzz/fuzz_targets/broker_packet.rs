@@ -12,12 +12,17 @@ fuzz_target!(|data: &[u8]| {
     };
     let fds = usize::from(fds % 4);
     if let Ok(request) = decode_request(bytes, vec![(); fds]) {
-        let again = decode_request(&request.encode(), request.descriptor().into_iter().copied().collect());
+        let again = decode_request(
+            &request.encode(),
+            request.descriptor().into_iter().copied().collect(),
+        );
         assert_eq!(again.ok(), Some(request));
     }
     if let Ok(response) = decode_response(bytes, vec![(); fds]) {
-        let again =
-            decode_response(&response.encode(), response.descriptor().into_iter().copied().collect());
+        let again = decode_response(
+            &response.encode(),
+            response.descriptor().into_iter().copied().collect(),
+        );
         assert_eq!(again.ok(), Some(response));
     }
 });

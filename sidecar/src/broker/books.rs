@@ -22,7 +22,8 @@ pub struct Limits {
     pub max_shm_bytes: u64,
     /// Most bytes one session may be charged for.
     pub session_quota_bytes: u64,
-    /// Most bytes one allocation label within a session may be charged for.
+    /// Most bytes one allocation label within a session may be charged for (unlabelled
+    /// allocations count toward the session quota only).
     pub label_quota_bytes: u64,
     /// Most regions one session may hold (each is a descriptor in the sidecar).
     pub max_regions_per_session: usize,
