@@ -138,3 +138,73 @@ pub fn round_trip(
     send(socket, bytes, fd).map_err(RecvError::Io)?;
     recv(socket)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsFd;
+
+    use rustix::io::FdFlags;
+
+    use super::*;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        rustix::net::socketpair(
+            AddressFamily::UNIX,
+            SocketType::SEQPACKET,
+            SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap()
+    }
+
+    fn memfd() -> OwnedFd {
+        rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::empty()).unwrap()
+    }
+
+    #[test]
+    fn a_packet_arrives_whole_with_its_descriptor_close_on_exec() {
+        let (a, b) = pair();
+        let fd = memfd();
+        assert!(
+            !rustix::io::fcntl_getfd(&fd)
+                .unwrap()
+                .contains(FdFlags::CLOEXEC)
+        );
+        send(a.as_fd(), b"hello", Some(fd.as_fd())).unwrap();
+        let packet = recv(b.as_fd()).unwrap();
+        assert_eq!(packet.bytes, b"hello");
+        assert_eq!(packet.fds.len(), 1);
+        let flags = rustix::io::fcntl_getfd(&packet.fds[0]).unwrap();
+        assert!(flags.contains(FdFlags::CLOEXEC), "MSG_CMSG_CLOEXEC");
+    }
+
+    #[test]
+    fn too_many_descriptors_and_oversized_packets_are_errors() {
+        let (a, b) = pair();
+        let fd = memfd();
+        let fds = [fd.as_fd(); 8];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(&a, &[IoSlice::new(b"x")], &mut control, SendFlags::empty()).unwrap();
+        assert!(matches!(
+            recv(b.as_fd()),
+            Err(RecvError::Packet(PacketError::ControlTruncated))
+        ));
+
+        send(a.as_fd(), &vec![1; MAX_PACKET_BYTES + 1], None).unwrap();
+        assert!(matches!(
+            recv(b.as_fd()),
+            Err(RecvError::Packet(PacketError::Oversized))
+        ));
+        send(a.as_fd(), &vec![1; MAX_PACKET_BYTES], None).unwrap();
+        assert_eq!(recv(b.as_fd()).unwrap().bytes.len(), MAX_PACKET_BYTES);
+    }
+
+    #[test]
+    fn a_closed_peer_reads_as_closed() {
+        let (a, b) = pair();
+        drop(a);
+        assert!(matches!(recv(b.as_fd()), Err(RecvError::Closed)));
+    }
+}
