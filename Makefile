@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv fmt bench fuzz-broker
+.PHONY: help setup demo test venv python-sdk fmt bench fuzz
 
 help: ## List the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -10,12 +10,16 @@ help: ## List the recipes
 venv: ## Create (or reuse) the pinned Python environment and print its path
 	@scripts/venv.sh
 
-setup: ## Install everything the demo and tests need: Python environment, workspace build
+setup: ## Install everything the demo and tests need: Python environment and SDK, workspace build
 	@scripts/venv.sh >/dev/null
 	cargo build --workspace --locked
+	@scripts/python-sdk.sh
 
-demo: setup ## Set up, then show what RemoteMedia does today
-	@echo "Set up and built. Nothing serves yet: the model worker (issue A1) is the first server."
+python-sdk: ## Build the Python SDK (python/) into a wheel and install it in the Python environment
+	@scripts/python-sdk.sh
+
+demo: setup ## Set up, then start a model worker, curl its health, run one inference, stop it
+	@scripts/demo.sh
 
 test: ## Format check, clippy, and every test tier with per-tier counts
 	@scripts/test.sh
@@ -26,7 +30,11 @@ fmt: ## Format the Rust code
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)
 	cargo bench --locked -p remotemedia-sidecar --bench broker -- $(if $(QUICK),--quick)
+	@scripts/python-sdk.sh
+	"$$(scripts/venv.sh)/bin/python" python/benches/sdk.py $(if $(QUICK),--quick)
 
 FUZZ_SECONDS ?= 60
-fuzz-broker: ## Fuzz the broker packet decoder for FUZZ_SECONDS (default 60; needs nightly and cargo-fuzz)
+fuzz: ## Fuzz the decoders of outside bytes (worker requests, broker packets), FUZZ_SECONDS each (default 60; nightly + cargo-fuzz)
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd worker && cargo +nightly fuzz run decode_request -- -max_total_time=$(FUZZ_SECONDS)
 	cd core && cargo +nightly fuzz run broker_packet -- -max_total_time=$(FUZZ_SECONDS)
