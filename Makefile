@@ -29,13 +29,15 @@ fmt: ## Format the Rust code
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)
+	cargo bench --locked -p remotemedia-sidecar --bench broker -- $(if $(QUICK),--quick)
 	@scripts/python-sdk.sh
 	"$$(scripts/venv.sh)/bin/python" python/benches/sdk.py $(if $(QUICK),--quick)
 
 FUZZ_SECONDS ?= 60
-fuzz: ## Fuzz the worker's request decoder for FUZZ_SECONDS (default 60; nightly + cargo-fuzz)
+fuzz: ## Fuzz the decoders of outside bytes (worker requests, broker packets), FUZZ_SECONDS each (default 60; nightly + cargo-fuzz)
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd worker && cargo +nightly fuzz run decode_request -- -max_total_time=$(FUZZ_SECONDS)
+	cd core && cargo +nightly fuzz run broker_packet -- -max_total_time=$(FUZZ_SECONDS)
 
 cluster-up: ## Start the local Kubernetes control plane (see e2e/cluster.sh env for KUBECONFIG)
 	@e2e/cluster.sh up

@@ -11,6 +11,7 @@ use nix::sys::mman::{shm_open, shm_unlink};
 use nix::sys::stat::{Mode, fstat};
 use nix::unistd::ftruncate;
 
+use super::broker::{BrokerClient, RegionHandle, RegionKey};
 use super::mapping::{Access, Mapping};
 use super::{RegionId, ShmError};
 
@@ -20,8 +21,11 @@ pub const REGION_PREFIX: &str = "remotemedia-";
 
 /// Longest shm name Linux accepts (NAME_MAX, without the leading slash).
 const MAX_NAME_LEN: usize = 255;
-/// How many random names to try before giving up on `O_EXCL` collisions or cleanup races.
-const CREATE_ATTEMPTS: u32 = 8;
+/// How many random names to try before giving up on `O_EXCL` collisions or cleanup races. A
+/// creator descheduled between `shm_open` and its lock loses its name to any cleanup that scans
+/// meanwhile; on a loaded machine with cleanups in a tight loop (the cleanup-race test) that
+/// happened 8 times in a row, so the bound is generous.
+const CREATE_ATTEMPTS: u32 = 64;
 
 /// A mapped region. Owners unlink the name when the region is dropped; readers only unmap.
 #[derive(Debug)]
@@ -39,6 +43,8 @@ enum Holder {
     Owner(Flock<OwnedFd>),
     /// Someone who opened the region by id, holding a read lock on byte 0 (see `reader_lock`).
     Reader(OwnedFd),
+    /// A brokered region: this process's hold at the node broker, released on drop.
+    Brokered(Arc<RegionHandle>),
 }
 
 impl Region {
@@ -124,7 +130,41 @@ impl Region {
         })
     }
 
-    /// The id another process passes to [`Region::open_named`].
+    /// Opens a region by id through this process's backend: the node broker when
+    /// `REMOTEMEDIA_SIDECAR` is set, POSIX shared memory by name otherwise.
+    pub fn open(id: &str, access: Access) -> Result<Self, ShmError> {
+        match BrokerClient::from_env()? {
+            Some(client) => {
+                let key = RegionKey::parse_hex(id).ok_or_else(|| ShmError::InvalidRegionId {
+                    id: id.chars().take(64).collect(),
+                    reason: "a brokered region id is 32 hex digits",
+                })?;
+                Self::from_handle(client.open(key)?, access)
+            }
+            None => Self::open_named(id, access),
+        }
+    }
+
+    /// Maps a brokered region whose handle this process holds.
+    pub fn from_handle(handle: Arc<RegionHandle>, access: Access) -> Result<Self, ShmError> {
+        let len = usize::try_from(handle.size().get())
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or(ShmError::TooLarge {
+                requested: usize::MAX,
+            })?;
+        // Errors name the backend, not the id: a brokered id is a capability, kept out of logs.
+        let mapping = Mapping::map(handle.fd(), len, access)
+            .map_err(|e| os("map", &RegionId("(brokered)".into()), e))?;
+        Ok(Self {
+            id: RegionId(handle.key().to_hex()),
+            access,
+            mapping,
+            holder: Holder::Brokered(handle),
+        })
+    }
+
+    /// The id another process passes to [`Region::open`].
     pub fn id(&self) -> &RegionId {
         &self.id
     }
@@ -161,6 +201,11 @@ impl Region {
 
     /// Whether any reader (in any process, this one included) still has the region open.
     pub(crate) fn has_readers(&self) -> Result<bool, ShmError> {
+        // Who else holds a brokered region is known only to the broker: assume someone does, so
+        // the allocator gives it back (Release) instead of pooling it.
+        if matches!(self.holder, Holder::Brokered(_)) {
+            return Ok(true);
+        }
         let mut probe = reader_lock(libc_lock_type::WRITE);
         fcntl(self.fd(), FcntlArg::F_OFD_GETLK(&mut probe))
             .map_err(|e| os("probe readers of", &self.id, e))?;
@@ -184,6 +229,7 @@ impl Region {
         match &self.holder {
             Holder::Owner(lock) => lock.as_fd(),
             Holder::Reader(fd) => fd.as_fd(),
+            Holder::Brokered(handle) => handle.fd(),
         }
     }
 }
@@ -215,7 +261,7 @@ pub fn open_region(id: &str, access: Access) -> Result<Arc<Region>, ShmError> {
     if let Some(region) = cache.get(&key).and_then(Weak::upgrade) {
         return Ok(region);
     }
-    let region = Arc::new(Region::open_named(id, access)?);
+    let region = Arc::new(Region::open(id, access)?);
     cache.retain(|_, weak| weak.strong_count() > 0);
     cache.insert(key, Arc::downgrade(&region));
     Ok(region)
