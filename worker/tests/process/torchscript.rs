@@ -197,6 +197,23 @@ async fn metadata_and_config_answer_from_config_pbtxt() {
 }
 
 #[tokio::test]
+async fn intra_op_threads_sizes_libtorchs_thread_pool() {
+    // Seen from outside: after the same forward pass, a worker allowed 4 intra-op threads runs
+    // at least 3 more threads than one allowed 1: the pool's workers, the caller being the 4th.
+    // (Measured here: 2 more per allowed thread, the OpenMP team's and the BLAS library's.)
+    let case = &cases("heavy")[1];
+    let mut threads = Vec::new();
+    for intra_op in ["1", "4"] {
+        let worker = Worker::start(&model_file("heavy"), &["--intra-op-threads", intra_op]).await;
+        let mut client = worker.client().await;
+        let response = client.model_infer(case.request("heavy")).await.unwrap();
+        case.compare(&response.into_inner(), RTOL).unwrap();
+        threads.push(worker.threads());
+    }
+    assert!(threads[1] >= threads[0] + 3, "threads: {threads:?}");
+}
+
+#[tokio::test]
 async fn requests_the_model_cannot_take_are_invalid_arguments() {
     let worker = Worker::start(&model_file("mlp"), &[]).await;
     let mut client = worker.client().await;
