@@ -149,6 +149,7 @@ impl Worker {
     }
 
     /// Threads the process runs now, from `/proc/<pid>/task`.
+    #[cfg(feature = "torch")]
     pub fn threads(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
             .unwrap()
