@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv fmt bench
+.PHONY: help setup demo test venv fmt bench crds
 
 help: ## List the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -22,6 +22,10 @@ test: ## Format check, clippy, and every test tier with per-tier counts
 
 fmt: ## Format the Rust code
 	cargo fmt --all
+
+crds: ## Regenerate crds/modelworker.yaml from the Rust types in crds/src
+	cargo run --locked -q -p remotemedia-crds --example crdgen > crds/modelworker.yaml.tmp
+	mv crds/modelworker.yaml.tmp crds/modelworker.yaml
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry -- $(if $(QUICK),--quick)

@@ -46,6 +46,10 @@ echo "=== format check"
 cargo fmt --all -- --check
 echo "=== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "=== generated files"
+make -s crds
+git diff --exit-code -- crds/modelworker.yaml ||
+  { echo "failed: crds/modelworker.yaml differs from crds/src: run \`make crds\` and commit it" >&2; exit 1; }
 
 run_tier unit cargo test --workspace --locked --lib --bins
 # Examples are programs written against the crates' public API only; each asserts what it shows.
