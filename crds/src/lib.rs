@@ -8,6 +8,8 @@
 mod model_worker;
 mod status;
 
+use serde_json::Value;
+
 pub use model_worker::{Batching, Device, ModelSource, ModelWorker, ModelWorkerSpec, Rollout};
 pub use status::{ConditionReason, ConditionType, ModelWorkerStatus};
 
@@ -25,3 +27,22 @@ pub const PLURAL: &str = "modelworkers";
 pub const SHORT_NAME: &str = "mw";
 /// `kubectl get remotemedia` lists every RemoteMedia resource.
 pub const CATEGORY: &str = "remotemedia";
+
+/// Joins the lines of the descriptions a type's doc comments give it and its fields, keeping
+/// paragraph breaks: `kubectl explain` wraps text itself and would otherwise also break lines
+/// where the source does. The `#[schemars(transform)]` of each API type.
+fn unwrap_docs(schema: &mut schemars::Schema) {
+    fn unwrap(description: Option<&mut Value>) {
+        if let Some(Value::String(text)) = description {
+            let paragraphs: Vec<String> =
+                text.split("\n\n").map(|p| p.replace('\n', " ")).collect();
+            *text = paragraphs.join("\n\n");
+        }
+    }
+    unwrap(schema.get_mut("description"));
+    if let Some(Value::Object(properties)) = schema.get_mut("properties") {
+        for property in properties.values_mut() {
+            unwrap(property.get_mut("description"));
+        }
+    }
+}

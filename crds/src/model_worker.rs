@@ -59,11 +59,12 @@ use crate::status::ModelWorkerStatus;
         .message("gpus needs device: cuda")
         .field_path(".gpus")
         .reason(Reason::FieldValueForbidden),
-    validation = Rule::new("!has(self.device) || self.device != 'cuda' || (has(self.gpus) && self.gpus == 1)")
+    validation = Rule::new("!has(self.device) || self.device != 'cuda' || (has(self.gpus) && self.gpus > 0)")
         .message("device: cuda needs gpus: 1")
         .field_path(".gpus")
         .reason(Reason::FieldValueRequired),
 )]
+#[schemars(transform = crate::unwrap_docs)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelWorkerSpec {
     /// The name clients give in inference requests (Triton's model name). A DNS label: lowercase
@@ -168,6 +169,7 @@ fn default_replicas() -> i32 {
 
 /// Where the model is stored.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[schemars(transform = crate::unwrap_docs)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSource {
     /// Location of the TorchScript model, with its Triton `config.pbtxt` beside it:
@@ -199,6 +201,7 @@ pub enum Device {
 
 /// Dynamic batching of the worker.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[schemars(transform = crate::unwrap_docs)]
 #[serde(rename_all = "camelCase")]
 pub struct Batching {
     /// Most requests concatenated into one forward pass, from 1 (no batching) to 1024. Unset: the
@@ -222,6 +225,7 @@ const COUNT_OR_PERCENT: &str =
 
 /// How replicas are replaced when the pod template changes: a Deployment rolling update.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[schemars(transform = crate::unwrap_docs)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("!has(self.maxSurge) || !has(self.maxUnavailable) || !(string(self.maxSurge) in ['0', '0%'] && string(self.maxUnavailable) in ['0', '0%'])")

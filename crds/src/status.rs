@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 /// What the operator last observed of the ModelWorker's pods and Service.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[schemars(transform = crate::unwrap_docs)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelWorkerStatus {
     /// The `metadata.generation` of the spec this status describes.

@@ -353,6 +353,26 @@ fn every_field_of_spec_and_status_is_documented_for_kubectl_explain() {
 }
 
 #[test]
+fn descriptions_keep_no_source_line_breaks_for_kubectl_explain_to_wrap() {
+    let schema = schema();
+    let spec = &schema["properties"]["spec"];
+    let ours = [
+        spec,
+        &spec["properties"]["model"],
+        &spec["properties"]["batching"],
+        &spec["properties"]["rollout"],
+        &schema["properties"]["status"],
+    ];
+    for node in ours {
+        let properties = node["properties"].as_object().expect("an object type");
+        for (name, property) in properties {
+            let text = property["description"].as_str().expect("documented");
+            assert!(!text.replace("\n\n", "").contains('\n'), "{name}: {text:?}");
+        }
+    }
+}
+
+#[test]
 fn crd_names_match_the_api_constants() {
     let crd = ModelWorker::crd();
     assert_eq!(crd.spec.group, GROUP);
