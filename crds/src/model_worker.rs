@@ -219,7 +219,8 @@ pub struct Batching {
 
 /// CEL rule for an int-or-string rollout bound: a count, or a string that is a percentage.
 /// `string(self) != self` holds only for the integer form; it stands in for `type(self) == int`,
-/// which kube's client-side CEL cannot evaluate.
+/// which kube's client-side CEL cannot evaluate. The fields it checks carry a `maxLength` (of the
+/// string form) so the API server can bound the cost of the regular expression.
 const COUNT_OR_PERCENT: &str =
     "string(self).matches('^[0-9]+%?$') && (string(self) != self || self.endsWith('%'))";
 
@@ -236,6 +237,7 @@ pub struct Rollout {
     /// Pods created above `replicas` during a rollout: a count or a percentage. Unset: 0 with
     /// `device: cuda`, so a rollout never needs a spare GPU; 25% otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxLength" = 16))]
     #[x_kube(validation = Rule::new(COUNT_OR_PERCENT)
         .message("must be a count of at least 0 or a percentage such as 25%"))]
     pub max_surge: Option<IntOrString>,
@@ -243,6 +245,7 @@ pub struct Rollout {
     /// Pods that may be unavailable during a rollout: a count or a percentage. Unset: 1 with
     /// `device: cuda`; 25% otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxLength" = 16))]
     #[x_kube(validation = Rule::new(COUNT_OR_PERCENT)
         .message("must be a count of at least 0 or a percentage such as 25%"))]
     pub max_unavailable: Option<IntOrString>,
