@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv fmt bench crds
+.PHONY: help setup demo test venv fmt bench fuzz crds
 
 help: ## List the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -14,8 +14,8 @@ setup: ## Install everything the demo and tests need: Python environment, worksp
 	@scripts/venv.sh >/dev/null
 	cargo build --workspace --locked
 
-demo: setup ## Set up, then show what RemoteMedia does today
-	@echo "Set up and built. Nothing serves yet: the model worker (issue A1) is the first server."
+demo: setup ## Set up, then start a model worker, curl its health, run one inference, stop it
+	@scripts/demo.sh
 
 test: ## Format check, clippy, and every test tier with per-tier counts
 	@scripts/test.sh
@@ -28,4 +28,9 @@ crds: ## Regenerate crds/modelworker.yaml from the Rust types in crds/src
 	mv crds/modelworker.yaml.tmp crds/modelworker.yaml
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
-	cargo bench --locked -p remotemedia-runtime-core --bench registry -- $(if $(QUICK),--quick)
+	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)
+
+FUZZ_SECONDS ?= 60
+fuzz: ## Fuzz the worker's request decoder for FUZZ_SECONDS (default 60; nightly + cargo-fuzz)
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	cd worker && cargo +nightly fuzz run decode_request -- -max_total_time=$(FUZZ_SECONDS)

@@ -55,9 +55,21 @@ run_tier unit cargo test --workspace --locked --lib --bins
 # Examples are programs written against the crates' public API only; each asserts what it shows.
 echo "=== examples"
 cargo run --locked -q -p remotemedia-runtime-core --example model_registry
-# Integration tests are the `tests/*.rs` targets of the workspace's crates: real processes.
-if compgen -G "*/tests/*.rs" >/dev/null; then
+# Integration tests are the `tests/*.rs` (or `tests/*/main.rs`) targets of the workspace's
+# crates: real processes.
+if compgen -G "*/tests/*.rs" >/dev/null || compgen -G "*/tests/*/main.rs" >/dev/null; then
+  # Some start the crates' examples as the other process; `--test '*'` alone does not build them.
+  cargo build --workspace --locked --examples
   run_tier integration cargo test --workspace --locked --test '*'
+fi
+# Python clients people already use (tritonclient) against the worker binary built here. pytest
+# exits 5 when it collects no test: a failure like any other non-zero exit.
+if compgen -G "tests/python/test_*.py" >/dev/null; then
+  cargo build --locked -p remotemedia-model-worker
+  target_dir=$(cargo metadata --format-version 1 --no-deps |
+    "$REMOTEMEDIA_PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
+  export REMOTEMEDIA_WORKER_BIN="$target_dir/debug/remotemedia-model-worker"
+  run_tier pytest "$REMOTEMEDIA_PYTHON" -m pytest -p no:cacheprovider tests/python
 fi
 
 echo

@@ -2,16 +2,16 @@
 //! the same model and share one instance, loaded once. `scripts/test.sh` runs it; its asserts
 //! are what it checks.
 //!
-//! The issue's `use` line also imports `InferenceModel`, the seed's model trait; it is declared
-//! with the tensor types (feature `shared-memory`) as an extension of `RegistryModel`, which is
-//! all the registry needs, so this program implements `RegistryModel`.
+//! `InferenceModel`, the seed's model trait, is declared with the tensor types as an extension of
+//! `RegistryModel`, so the model below implements both.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use remotemedia_runtime_core::model_registry::{
-    EvictionPolicy, ModelRegistry, RegistryConfig, RegistryModel,
-};
+#[rustfmt::skip]
+use remotemedia_runtime_core::model_registry::{ModelRegistry, RegistryConfig, EvictionPolicy, InferenceModel};
+use remotemedia_runtime_core::model_registry::{InferenceError, RegistryModel};
+use remotemedia_runtime_core::tensor::TensorBuffer;
 
 /// Counts loads from outside the registry.
 static LOADS: AtomicUsize = AtomicUsize::new(0);
@@ -29,12 +29,25 @@ impl WhisperModel {
             weights: vec![0.5; path.len()],
         })
     }
+}
 
-    async fn infer(&self, input: &[f32]) -> Result<Vec<f32>, std::io::Error> {
-        Ok(input
+impl InferenceModel for WhisperModel {
+    fn model_id(&self) -> &str {
+        "whisper-base"
+    }
+
+    fn device(&self) -> &str {
+        "cpu"
+    }
+
+    async fn infer(&self, input: &TensorBuffer) -> Result<TensorBuffer, InferenceError> {
+        let frames: Vec<f32> = input
+            .as_f32_slice()?
             .chunks(160)
             .map(|frame| frame.iter().sum::<f32>() * self.weights[0])
-            .collect())
+            .collect();
+        let len = frames.len();
+        Ok(TensorBuffer::from_vec(frames, vec![len])?)
     }
 }
 
@@ -46,11 +59,12 @@ impl RegistryModel for WhisperModel {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let input_tensor = vec![1.0_f32; 16_000];
+    let input_tensor = TensorBuffer::from_vec(vec![1.0_f32; 16_000], vec![16_000])?;
     let (registry, output) = issue_snippet(input_tensor).await?;
 
     assert_eq!(LOADS.load(Ordering::SeqCst), 1, "loaded once");
-    assert_eq!(output.len(), 100);
+    assert_eq!(output.shape(), &[100]);
+    assert!(output.as_f32_slice()?.iter().all(|&v| v == 80.0));
     let m = registry.metrics();
     assert_eq!((m.cache_hits, m.cache_misses, m.total_models), (1, 1, 1));
     let weights_bytes = "models/whisper-base.pt".len() * size_of::<f32>();
@@ -63,7 +77,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// The issue's snippet, verbatim (kept out of rustfmt's way); the comments in the listing loop
 /// and after `metrics()` are filled in with the fields they name.
 #[rustfmt::skip]
-async fn issue_snippet(input_tensor: Vec<f32>) -> Result<(Arc<ModelRegistry>, Vec<f32>), Box<dyn std::error::Error>> {
+async fn issue_snippet(input_tensor: TensorBuffer) -> Result<(Arc<ModelRegistry>, TensorBuffer), Box<dyn std::error::Error>> {
     let registry = Arc::new(ModelRegistry::new(RegistryConfig::default()));
     let h1 = registry.get_or_load("whisper-base", || WhisperModel::load("models/whisper-base.pt")).await?;
     let h2 = registry.get_or_load("whisper-base", || WhisperModel::load("models/whisper-base.pt")).await?;

@@ -6,6 +6,25 @@
 //!   the `SharedMemoryAllocator` with quotas and cleanup.
 //!
 //! The crate depends on no Kubernetes client, no gRPC server and no libtorch.
+//!
+//! Handing a tensor to another process:
+//! ```
+//! use remotemedia_runtime_core::tensor::{DataType, SharedMemoryAllocator, TensorBuffer};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let allocator = SharedMemoryAllocator::new(Default::default());
+//! let mut tensor = allocator.allocate_tensor(1024 * 1024, Some("session-123"))?;
+//! tensor.as_mut_slice().fill(1);
+//! let region_id = tensor.storage().region_id()?; // hand this string to another process
+//! // in the other process:
+//! let shared = TensorBuffer::from_shared_memory(&region_id, 0, 1024 * 1024, vec![256, 1024], DataType::F32)?;
+//! assert_eq!(shared.as_bytes(), tensor.as_bytes());
+//! # Ok(())
+//! # }
+//! ```
 
 #[cfg(feature = "model-registry")]
 pub mod model_registry;
+#[cfg(feature = "shared-memory")]
+pub mod shm;
+#[cfg(feature = "shared-memory")]
+pub mod tensor;

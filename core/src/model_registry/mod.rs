@@ -15,6 +15,9 @@ mod registry;
 #[cfg(test)]
 mod tests;
 
+/// The seed's model trait, declared with the tensor types as an extension of [`RegistryModel`].
+#[cfg(feature = "shared-memory")]
+pub use crate::tensor::{InferenceError, InferenceModel};
 pub use config::{EvictionPolicy, RegistryConfig};
 pub use error::RegistryError;
 pub use handle::ModelHandle;

@@ -1,0 +1,360 @@
+//! Command-line flags (each with its `REMOTEMEDIA_WORKER_*` environment twin) and their
+//! validation. Everything is checked here, before any port is bound.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use clap::Parser;
+
+use crate::{
+    backend::{ModelSource, SourceError},
+    defaults,
+};
+
+/// Loads one model and serves it over Triton's gRPC inference protocol.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "remotemedia-model-worker", version, about)]
+pub struct Config {
+    /// Name clients address the model by [default: the built-in model's name]
+    #[arg(long, env = "REMOTEMEDIA_WORKER_MODEL_ID")]
+    pub model_id: Option<String>,
+
+    /// The model: `builtin://identity` or `builtin://checksum` (with `?load_delay_ms=`,
+    /// `?infer_delay_ms=`, `?datatype=`, `?shape=`), or a model file
+    #[arg(long, env = "REMOTEMEDIA_WORKER_MODEL_PATH")]
+    pub model_path: String,
+
+    /// Device to run the model on: `cpu` or `cuda:N`
+    #[arg(long, env = "REMOTEMEDIA_WORKER_DEVICE", default_value_t = defaults::DEVICE)]
+    pub device: Device,
+
+    /// Port for gRPC inference and plain HTTP `GET /health`
+    #[arg(long, env = "REMOTEMEDIA_WORKER_PORT", default_value_t = defaults::GRPC_PORT)]
+    pub port: u16,
+
+    /// Port for `/healthz`, `/readyz` and `/metrics`
+    #[arg(long, env = "REMOTEMEDIA_WORKER_ADMIN_PORT", default_value_t = defaults::ADMIN_PORT)]
+    pub admin_port: u16,
+
+    /// Also serve gRPC on this Unix socket path
+    #[arg(long, env = "REMOTEMEDIA_WORKER_UDS")]
+    pub uds: Option<PathBuf>,
+
+    /// Requests run at once; more wait in the queue
+    #[arg(long, env = "REMOTEMEDIA_WORKER_MAX_CONCURRENCY", default_value_t = defaults::MAX_CONCURRENCY)]
+    pub max_concurrency: usize,
+
+    /// Requests that may wait for a slot; more are refused with RESOURCE_EXHAUSTED
+    #[arg(long, env = "REMOTEMEDIA_WORKER_MAX_QUEUE", default_value_t = defaults::MAX_QUEUE)]
+    pub max_queue: usize,
+
+    /// Largest gRPC message received or sent, in bytes
+    #[arg(long, env = "REMOTEMEDIA_WORKER_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+
+    /// After SIGTERM, keep serving this long (e.g. `5s`) while endpoints are removed
+    #[arg(long, env = "REMOTEMEDIA_WORKER_DRAIN_DELAY", default_value_t = defaults::DRAIN_DELAY.into())]
+    pub drain_delay: humantime::Duration,
+
+    /// Then give in-flight requests this long (e.g. `20s`) to finish
+    #[arg(long, env = "REMOTEMEDIA_WORKER_DRAIN_TIMEOUT", default_value_t = defaults::DRAIN_TIMEOUT.into())]
+    pub drain_timeout: humantime::Duration,
+
+    /// File a fatal start-up error is written to, for Kubernetes' termination message
+    #[arg(long, env = "REMOTEMEDIA_WORKER_TERMINATION_LOG", default_value = defaults::TERMINATION_LOG)]
+    pub termination_log: PathBuf,
+}
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(u32),
+}
+
+impl FromStr for Device {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = || format!("unknown device '{text}': expected cpu or cuda:N");
+        match text {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => text
+                .strip_prefix("cuda:")
+                .and_then(|index| index.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(invalid),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(index) => write!(f, "cuda:{index}"),
+        }
+    }
+}
+
+/// Configuration that was checked and is ready to run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub model_id: String,
+    pub source: ModelSource,
+    pub device: Device,
+    pub port: u16,
+    pub admin_port: u16,
+    pub uds: Option<PathBuf>,
+    pub max_concurrency: usize,
+    pub max_queue: usize,
+    pub max_message_bytes: usize,
+    pub drain_delay: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Bad configuration: the worker refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid --model-path")]
+    ModelPath(#[from] SourceError),
+    #[error(
+        "invalid --model-id '{0}': use 1 to 253 letters, digits, '.', '_' or '-', starting with a letter or digit"
+    )]
+    ModelId(String),
+    #[error("invalid --device {device}: {reason}")]
+    Device { device: Device, reason: String },
+    #[error("--port and --admin-port are both {0}: they must differ")]
+    SamePorts(u16),
+    #[error("invalid --{flag} 0: it must be at least 1")]
+    Zero { flag: &'static str },
+    #[error("invalid --uds {path}: {reason}")]
+    Uds { path: PathBuf, reason: &'static str },
+}
+
+/// Where the NVIDIA driver lists one directory per GPU it manages.
+const NVIDIA_GPUS_DIR: &str = "/proc/driver/nvidia/gpus";
+
+/// Longest model id: a DNS subdomain, so it can name Kubernetes objects.
+const MAX_MODEL_ID_LEN: usize = 253;
+
+impl Config {
+    /// Checks every flag and resolves defaults; nothing is bound or loaded yet.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let Config {
+            model_id,
+            model_path,
+            device,
+            port,
+            admin_port,
+            uds,
+            max_concurrency,
+            max_queue,
+            max_message_bytes,
+            drain_delay,
+            drain_timeout,
+            termination_log: _,
+        } = self;
+        // The device first: a model that cannot run on it is beside the point.
+        check_device(device, Path::new(NVIDIA_GPUS_DIR))?;
+        let source = ModelSource::parse(&model_path)?;
+        if matches!(source, ModelSource::Builtin(_)) && device != Device::Cpu {
+            return Err(ConfigError::Device {
+                device,
+                reason: "built-in models run on the cpu".into(),
+            });
+        }
+        let model_id = model_id.unwrap_or_else(|| source.default_model_id().to_owned());
+        if !valid_model_id(&model_id) {
+            return Err(ConfigError::ModelId(model_id));
+        }
+        if port == admin_port && port != 0 {
+            return Err(ConfigError::SamePorts(port));
+        }
+        for (flag, value) in [
+            ("max-concurrency", max_concurrency),
+            ("max-message-bytes", max_message_bytes),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { flag });
+            }
+        }
+        if let Some(path) = &uds {
+            check_uds(path)?;
+        }
+        Ok(Settings {
+            model_id,
+            source,
+            device,
+            port,
+            admin_port,
+            uds,
+            max_concurrency,
+            max_queue,
+            max_message_bytes,
+            drain_delay: drain_delay.into(),
+            drain_timeout: drain_timeout.into(),
+        })
+    }
+}
+
+fn check_device(device: Device, gpus_dir: &Path) -> Result<(), ConfigError> {
+    let Device::Cuda(index) = device else {
+        return Ok(());
+    };
+    let count = std::fs::read_dir(gpus_dir).map_or(0, |entries| entries.count());
+    if index as usize >= count {
+        let reason = match count {
+            0 => "this machine has no CUDA device".to_owned(),
+            n => format!(
+                "this machine has {n} CUDA devices (cuda:0 to cuda:{})",
+                n - 1
+            ),
+        };
+        return Err(ConfigError::Device { device, reason });
+    }
+    Ok(())
+}
+
+fn valid_model_id(id: &str) -> bool {
+    id.len() <= MAX_MODEL_ID_LEN
+        && id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+fn check_uds(path: &Path) -> Result<(), ConfigError> {
+    let invalid = |reason| ConfigError::Uds {
+        path: path.to_owned(),
+        reason,
+    };
+    let parent = match path.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+        Some(parent) => parent,
+        None => return Err(invalid("it is not a file path")),
+    };
+    if !parent.is_dir() {
+        return Err(invalid("its directory does not exist"));
+    }
+    // A socket left by an earlier run is replaced when binding; anything else is not ours.
+    match std::fs::symlink_metadata(path) {
+        Ok(metadata) if !std::os::unix::fs::FileTypeExt::is_socket(&metadata.file_type()) => {
+            Err(invalid("a file that is not a socket is in the way"))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        let mut argv = vec!["remotemedia-model-worker"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let settings = config(&["--model-path", "builtin://identity"])
+            .validate()
+            .unwrap();
+        assert_eq!(settings.model_id, "identity");
+        assert_eq!((settings.port, settings.admin_port), (50051, 9090));
+        assert_eq!(settings.device, Device::Cpu);
+        assert_eq!(settings.max_concurrency, 100);
+        assert_eq!(settings.drain_delay, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        let settings = config(&[
+            "--model-path",
+            "builtin://identity",
+            "--drain-delay",
+            "250ms",
+            "--drain-timeout",
+            "1m",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(settings.drain_delay, Duration::from_millis(250));
+        assert_eq!(settings.drain_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!("cpu".parse(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(Device::Cuda(3)));
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", "CPU"] {
+            assert!(bad.parse::<Device>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cuda_device_beyond_the_machines_is_refused() {
+        let empty = tempfile::tempdir().unwrap();
+        let error = check_device(Device::Cuda(0), empty.path()).unwrap_err();
+        assert!(error.to_string().contains("no CUDA device"), "{error}");
+        std::fs::create_dir(empty.path().join("0000:01:00.0")).unwrap();
+        check_device(Device::Cuda(0), empty.path()).unwrap();
+        assert!(check_device(Device::Cuda(1), empty.path()).is_err());
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        let cases: &[&[&str]] = &[
+            &["--model-path", "builtin://nope"],
+            &["--model-path", "builtin://identity", "--model-id", "a/b"],
+            &["--model-path", "builtin://identity", "--model-id", ""],
+            &[
+                "--model-path",
+                "builtin://identity",
+                "--port",
+                "7000",
+                "--admin-port",
+                "7000",
+            ],
+            &[
+                "--model-path",
+                "builtin://identity",
+                "--max-concurrency",
+                "0",
+            ],
+            &[
+                "--model-path",
+                "builtin://identity",
+                "--uds",
+                "/nonexistent-dir/w.sock",
+            ],
+        ];
+        for args in cases {
+            assert!(config(args).validate().is_err(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn every_flag_has_an_env_twin_and_help() {
+        let command = <Config as clap::CommandFactory>::command();
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version") {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{id} has no env twin"));
+            let expected = format!("REMOTEMEDIA_WORKER_{}", id.to_uppercase());
+            assert_eq!(env.to_str(), Some(expected.as_str()));
+            assert!(arg.get_help().is_some(), "--{id} has no help");
+        }
+    }
+}

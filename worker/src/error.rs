@@ -1,0 +1,88 @@
+//! Why a request failed, and the one place those reasons become gRPC status codes.
+
+use tonic::Status;
+
+use crate::{backend::BackendError, decode::DecodeError};
+
+/// A request the worker could not serve.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("model_name is required")]
+    MissingModelName,
+    #[error("unknown model '{0}'")]
+    UnknownModel(String),
+    #[error("model '{model}' has no version '{version}'; it serves version {served}")]
+    UnknownVersion {
+        model: String,
+        version: String,
+        served: &'static str,
+    },
+    #[error("model '{0}' is not ready")]
+    NotReady(String),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error("the request queue is full ({0} waiting); retry later")]
+    QueueFull(usize),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("the model panicked")]
+    Panicked,
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        let message = error.to_string();
+        match error {
+            ServiceError::MissingModelName
+            | ServiceError::Decode(_)
+            | ServiceError::Backend(BackendError::InvalidInput(_)) => {
+                Status::invalid_argument(message)
+            }
+            ServiceError::UnknownModel(_) | ServiceError::UnknownVersion { .. } => {
+                Status::not_found(message)
+            }
+            ServiceError::NotReady(_) => Status::unavailable(message),
+            ServiceError::QueueFull(_) => Status::resource_exhausted(message),
+            ServiceError::Backend(BackendError::Failed(_)) | ServiceError::Panicked => {
+                // The details are the model's internals: log them, tell the client only that it
+                // failed.
+                tracing::error!(error = %message, "inference failed");
+                Status::internal("failed to run the model")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+
+    use super::*;
+
+    #[test]
+    fn model_internals_do_not_reach_the_client() {
+        let status = Status::from(ServiceError::Backend(BackendError::Failed(
+            "/models/secret.pt: cuda error".into(),
+        )));
+        assert_eq!(status.code(), Code::Internal);
+        assert!(!status.message().contains("secret"));
+    }
+
+    #[test]
+    fn errors_map_to_their_codes() {
+        let cases = [
+            (ServiceError::MissingModelName, Code::InvalidArgument),
+            (
+                ServiceError::Decode(DecodeError::NoInputs),
+                Code::InvalidArgument,
+            ),
+            (ServiceError::UnknownModel("x".into()), Code::NotFound),
+            (ServiceError::NotReady("x".into()), Code::Unavailable),
+            (ServiceError::QueueFull(3), Code::ResourceExhausted),
+            (ServiceError::Panicked, Code::Internal),
+        ];
+        for (error, code) in cases {
+            assert_eq!(Status::from(error).code(), code);
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! `remotemedia-model-worker`: loads one model and serves it over Triton's gRPC inference
+//! protocol (KServe v2 / Open Inference Protocol), with health, metrics and graceful drain.
+//!
+//! [`run`] wires everything: it binds every listener before serving anything, serves gRPC and
+//! plain HTTP health on one port (and optionally a Unix socket), the admin endpoints on another,
+//! loads and warms up the model while already answering probes, then waits for SIGTERM and
+//! drains as DESIGN §6 describes.
+
+pub mod backend;
+pub mod config;
+pub mod decode;
+pub mod defaults;
+mod error;
+mod executor;
+mod http;
+mod lifecycle;
+mod metrics;
+pub mod model;
+mod service;
+pub mod tensor;
+
+use std::{
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use prometheus_client::registry::Registry;
+use remotemedia_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use tokio::{
+    net::{TcpListener, UnixListener},
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+    task::JoinSet,
+};
+
+pub use crate::config::{Config, ConfigError, Settings};
+use crate::{
+    backend::LoadError,
+    executor::{Executor, ModelStats},
+    http::Health,
+    lifecycle::Lifecycle,
+    metrics::Metrics,
+    service::InferenceService,
+};
+
+/// A fatal error after configuration was accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("failed to bind the {what} port {port}")]
+    Bind {
+        what: &'static str,
+        port: u16,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to bind the unix socket {path}")]
+    BindUnix {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to bind the unix socket {0}: another process is listening on it")]
+    UnixSocketInUse(PathBuf),
+    #[error("failed to listen for signals")]
+    Signals(#[source] io::Error),
+    #[error("failed to load model '{model}'")]
+    Load {
+        model: String,
+        #[source]
+        source: LoadError,
+    },
+    #[error("failed to load model '{0}': the loader panicked")]
+    LoadPanicked(String),
+}
+
+/// Runs the worker until SIGTERM (or SIGINT) and a completed drain.
+pub async fn run(settings: Settings) -> Result<(), RunError> {
+    let Settings {
+        model_id,
+        source,
+        device,
+        port,
+        admin_port,
+        uds,
+        max_concurrency,
+        max_queue,
+        max_message_bytes,
+        drain_delay,
+        drain_timeout,
+    } = settings;
+
+    // Every listener is bound before anything is served: a port in use is a start-up error.
+    let grpc_listener = bind_tcp("gRPC", port).await?;
+    let admin_listener = bind_tcp("admin", admin_port).await?;
+    let uds_listener = uds.as_deref().map(bind_unix).transpose()?;
+    let _socket_file = uds.clone().map(SocketFile);
+    let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(RunError::Signals)?;
+
+    let mut registry = Registry::with_prefix("remotemedia_worker");
+    let metrics = Metrics::register(&mut registry);
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let lifecycle = Arc::new(Lifecycle::new(health_reporter).await);
+    let stats = Arc::new(ModelStats::default());
+    let service = InferenceService::new(
+        source.describe(&model_id),
+        stats.clone(),
+        lifecycle.clone(),
+        metrics.clone(),
+    );
+    let health = Health {
+        lifecycle: lifecycle.clone(),
+        model_id: model_id.as_str().into(),
+    };
+    let grpc = GrpcInferenceServiceServer::new(service.clone())
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    let router = http::with_health_routes(
+        tonic::service::Routes::new(grpc)
+            .add_service(health_service)
+            .into_axum_router()
+            .layer(axum::middleware::map_response(http::size_limit_status)),
+        health.clone(),
+    );
+
+    let (stop, stopped) = watch::channel(false);
+    let mut servers = JoinSet::new();
+    servers.spawn(serve(grpc_listener, router.clone(), stopped.clone()));
+    if let Some(listener) = uds_listener {
+        servers.spawn(serve(listener, router, stopped.clone()));
+    }
+    let (stop_admin, admin_stopped) = watch::channel(false);
+    let admin = tokio::spawn(serve(
+        admin_listener,
+        http::admin_router(health, Arc::new(registry)),
+        admin_stopped,
+    ));
+    tracing::info!(
+        model = %model_id, %device, port, admin_port, uds = ?uds,
+        "serving; loading the model"
+    );
+
+    let load = tokio::task::spawn_blocking(move || source.load());
+    let shutdown = async {
+        tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        }
+    };
+    tokio::pin!(shutdown);
+    let loaded = tokio::select! {
+        loaded = load => Some(loaded),
+        signal = &mut shutdown => {
+            tracing::info!(signal, "signal while loading the model");
+            None
+        }
+    };
+    if let Some(loaded) = loaded {
+        let backend = loaded
+            .map_err(|_| RunError::LoadPanicked(model_id.clone()))?
+            .map_err(|source| RunError::Load {
+                model: model_id.clone(),
+                source,
+            })?;
+        service.set_executor(Executor::new(
+            backend.into(),
+            max_concurrency,
+            max_queue,
+            metrics,
+            stats,
+        ));
+        lifecycle.mark_ready().await;
+        tracing::info!(model = %model_id, "model ready");
+        let signal = shutdown.await;
+        tracing::info!(signal, "signal received");
+    }
+
+    drain(&lifecycle, drain_delay, drain_timeout, &stop, &mut servers).await;
+    let _ = stop_admin.send(true);
+    let _ = admin.await;
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+/// DESIGN §6: NOT_SERVING at once, keep serving for `delay` so endpoint removal propagates,
+/// then stop accepting and give in-flight requests up to `timeout`.
+async fn drain(
+    lifecycle: &Lifecycle,
+    delay: Duration,
+    timeout: Duration,
+    stop: &watch::Sender<bool>,
+    servers: &mut JoinSet<()>,
+) {
+    lifecycle.begin_drain().await;
+    tracing::info!(?delay, "draining: reporting NOT_SERVING, still serving");
+    tokio::time::sleep(delay).await;
+    let _ = stop.send(true);
+    tracing::info!(
+        ?timeout,
+        "no longer accepting; waiting for in-flight requests"
+    );
+    let finished = tokio::time::timeout(timeout, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            ?timeout,
+            "drain timeout passed; dropping what is still in flight"
+        );
+    }
+}
+
+/// Serves `router` (HTTP/1.1 and HTTP/2 without TLS, chosen per connection) until `stopped`
+/// turns true, then lets open connections finish.
+async fn serve<L>(listener: L, router: axum::Router, mut stopped: watch::Receiver<bool>)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let shutdown = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    // axum::serve only returns an error from the listener's accept loop, which retries
+    // transient errors itself.
+    if let Err(error) = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        tracing::error!(%error, "server stopped");
+    }
+}
+
+async fn bind_tcp(what: &'static str, port: u16) -> Result<TcpListener, RunError> {
+    let address = SocketAddr::from((defaults::LISTEN_ADDRESS, port));
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| RunError::Bind { what, port, source })
+}
+
+fn bind_unix(path: &Path) -> Result<UnixListener, RunError> {
+    if path.exists() {
+        // A socket nobody answers on is left from an earlier run; one that answers is in use.
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(RunError::UnixSocketInUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(|source| RunError::BindUnix {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    UnixListener::bind(path).map_err(|source| RunError::BindUnix {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Removes the Unix socket file when the worker stops, whether it drained or failed: the file
+/// outlives the listener, and a stale one would only confuse the next start.
+struct SocketFile(PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Writes a fatal start-up error where Kubernetes reads the termination message. A missing
+/// directory means there is no such file to write (outside Kubernetes): skipped silently.
+pub fn write_termination_log(path: &Path, message: &str) -> io::Result<()> {
+    if path
+        .parent()
+        .is_some_and(|dir| !dir.as_os_str().is_empty() && !dir.is_dir())
+    {
+        return Ok(());
+    }
+    std::fs::write(path, format!("{message}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn termination_log_gets_the_error_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("termination-log");
+        write_termination_log(&path, "error: failed to load model 'm'").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "error: failed to load model 'm'\n"
+        );
+    }
+
+    #[test]
+    fn termination_log_is_skipped_where_its_directory_does_not_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("termination-log");
+        write_termination_log(&path, "error: x").unwrap();
+        assert!(!path.exists());
+    }
+}

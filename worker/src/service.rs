@@ -1,0 +1,357 @@
+//! The `inference.GRPCInferenceService` implementation: routes each RPC to the served model.
+
+use std::{
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
+
+use remotemedia_proto::inference::{
+    ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+    ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse,
+    SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
+    SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
+    grpc_inference_service_server::GrpcInferenceService, model_infer_response::InferOutputTensor,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::{
+    backend::BackendError,
+    decode::decode_request,
+    defaults,
+    error::ServiceError,
+    executor::{Executor, ModelStats, Stat},
+    lifecycle::Lifecycle,
+    metrics::{Metrics, Outcome},
+    model::ModelDescription,
+    tensor::OutputTensor,
+};
+
+/// Extensions of the protocol this build implements, as ServerMetadata lists them.
+const EXTENSIONS: [&str; 2] = ["model_configuration", "statistics"];
+
+/// Requests of one ModelStreamInfer stream that may be in progress at once; the stream reads no
+/// further until one finishes, so a client cannot pile up unbounded work or responses.
+const STREAM_MAX_IN_FLIGHT: usize = 64;
+
+/// The inference service; clones share one model.
+#[derive(Clone)]
+pub struct InferenceService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    model: ModelDescription,
+    /// Set once the model has loaded.
+    executor: OnceLock<Executor>,
+    stats: Arc<ModelStats>,
+    lifecycle: Arc<Lifecycle>,
+    metrics: Metrics,
+}
+
+impl InferenceService {
+    pub fn new(
+        model: ModelDescription,
+        stats: Arc<ModelStats>,
+        lifecycle: Arc<Lifecycle>,
+        metrics: Metrics,
+    ) -> Self {
+        InferenceService {
+            inner: Arc::new(Inner {
+                model,
+                executor: OnceLock::new(),
+                stats,
+                lifecycle,
+                metrics,
+            }),
+        }
+    }
+
+    /// Hands the loaded model to the service; called once, before the worker turns ready.
+    pub fn set_executor(&self, executor: Executor) {
+        // A second call would be a wiring bug; the first executor stays.
+        let _ = self.inner.executor.set(executor);
+    }
+
+    /// The served model, if `name` and `version` address it.
+    fn model(&self, name: &str, version: &str) -> Result<&ModelDescription, ServiceError> {
+        let model = &self.inner.model;
+        if name.is_empty() {
+            return Err(ServiceError::MissingModelName);
+        }
+        if name != model.name {
+            return Err(ServiceError::UnknownModel(name.chars().take(64).collect()));
+        }
+        if !version.is_empty() && version != defaults::MODEL_VERSION {
+            return Err(ServiceError::UnknownVersion {
+                model: model.name.clone(),
+                version: version.chars().take(64).collect(),
+                served: defaults::MODEL_VERSION,
+            });
+        }
+        Ok(model)
+    }
+
+    /// One inference, counted in the metrics.
+    #[tracing::instrument(skip_all, fields(model = %request.model_name, id = %request.id))]
+    async fn infer_measured(
+        &self,
+        request: ModelInferRequest,
+    ) -> Result<ModelInferResponse, Status> {
+        let started = Instant::now();
+        let result = self.infer(request).await.map_err(Status::from);
+        self.inner
+            .metrics
+            .record(Outcome::of(&result), started.elapsed());
+        if let Err(status) = &result {
+            tracing::debug!(code = ?status.code(), message = status.message(), "request refused");
+        }
+        result
+    }
+
+    async fn infer(&self, request: ModelInferRequest) -> Result<ModelInferResponse, ServiceError> {
+        let model = self.model(&request.model_name, &request.model_version)?;
+        let started = Instant::now();
+        let result = self.run_model(model, request).await;
+        let stat = if result.is_ok() {
+            Stat::Success
+        } else {
+            Stat::Failure
+        };
+        self.inner.stats.record(stat, started.elapsed());
+        result
+    }
+
+    async fn run_model(
+        &self,
+        model: &ModelDescription,
+        request: ModelInferRequest,
+    ) -> Result<ModelInferResponse, ServiceError> {
+        // Draining workers still serve: only loading ones refuse.
+        let executor = self
+            .inner
+            .executor
+            .get()
+            .ok_or_else(|| ServiceError::NotReady(model.name.clone()))?;
+        let mut decoded = decode_request(request, &model.signature)?;
+        let id = std::mem::take(&mut decoded.id);
+        let wanted = std::mem::take(&mut decoded.outputs);
+        let outputs = executor.infer(decoded).await?;
+        if outputs.len() != model.signature.outputs.len() {
+            return Err(ServiceError::Backend(BackendError::Failed(format!(
+                "the model returned {} outputs, its signature has {}",
+                outputs.len(),
+                model.signature.outputs.len()
+            ))));
+        }
+        Ok(response(model, id, &outputs, &wanted))
+    }
+}
+
+/// The response carrying the `wanted` outputs (indexes into `outputs`), in that order.
+fn response(
+    model: &ModelDescription,
+    id: String,
+    outputs: &[OutputTensor],
+    wanted: &[usize],
+) -> ModelInferResponse {
+    let chosen: Vec<&OutputTensor> = wanted.iter().filter_map(|&i| outputs.get(i)).collect();
+    ModelInferResponse {
+        model_name: model.name.clone(),
+        model_version: defaults::MODEL_VERSION.to_owned(),
+        id,
+        outputs: chosen
+            .iter()
+            .map(|output| InferOutputTensor {
+                name: output.name.clone(),
+                datatype: output.datatype.name().to_owned(),
+                shape: output
+                    .shape
+                    .iter()
+                    .map(|&dim| i64::try_from(dim).unwrap_or(i64::MAX))
+                    .collect(),
+                ..Default::default()
+            })
+            .collect(),
+        raw_output_contents: chosen.iter().map(|output| output.data.clone()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for InferenceService {
+    async fn server_live(
+        &self,
+        _: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse { live: true }))
+    }
+
+    async fn server_ready(
+        &self,
+        _: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.inner.lifecycle.is_ready(),
+        }))
+    }
+
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        // Readiness has a plain answer for any name: a model not served here is not ready.
+        let served = self.model(&request.name, &request.version).is_ok();
+        Ok(Response::new(ModelReadyResponse {
+            ready: served && self.inner.lifecycle.is_ready(),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(ServerMetadataResponse {
+            name: defaults::SERVER_NAME.to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            extensions: EXTENSIONS.iter().map(|&name| name.to_owned()).collect(),
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.model(&request.name, &request.version)?;
+        Ok(Response::new(model.metadata()))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        self.infer_measured(request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type ModelStreamInferStream = ReceiverStream<Result<ModelStreamInferResponse, Status>>;
+
+    async fn model_stream_infer(
+        &self,
+        request: Request<Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (responses, stream) = mpsc::channel(STREAM_MAX_IN_FLIGHT);
+        let service = self.clone();
+        tokio::spawn(async move {
+            let in_flight = Arc::new(Semaphore::new(STREAM_MAX_IN_FLIGHT));
+            loop {
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let request = match inbound.message().await {
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(status) => {
+                        // The stream itself broke. tonic reports a message over the size
+                        // limit as OUT_OF_RANGE; gRPC's code for it is RESOURCE_EXHAUSTED.
+                        let status = if status.code() == tonic::Code::OutOfRange {
+                            Status::resource_exhausted(status.message())
+                        } else {
+                            status
+                        };
+                        let _ = responses.send(Err(status)).await;
+                        break;
+                    }
+                };
+                let service = service.clone();
+                let responses = responses.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let echo = ModelInferResponse {
+                        model_name: request.model_name.clone(),
+                        id: request.id.clone(),
+                        ..Default::default()
+                    };
+                    let response = match service.infer_measured(request).await {
+                        Ok(response) => ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(response),
+                        },
+                        // One failed request is reported in its response; the stream goes on.
+                        Err(status) => ModelStreamInferResponse {
+                            error_message: status.message().to_owned(),
+                            infer_response: Some(echo),
+                        },
+                    };
+                    // A client that hung up gets nothing more; the work is already done.
+                    let _ = responses.send(Ok(response)).await;
+                });
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let model = self.model(&request.name, &request.version)?;
+        Ok(Response::new(ModelConfigResponse {
+            config: Some(model.config()),
+        }))
+    }
+
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        // An empty name asks for every model: here, the one served.
+        let model = if request.name.is_empty() {
+            &self.inner.model
+        } else {
+            self.model(&request.name, &request.version)?
+        };
+        Ok(Response::new(ModelStatisticsResponse {
+            model_stats: vec![
+                self.inner
+                    .stats
+                    .snapshot(&model.name, defaults::MODEL_VERSION),
+            ],
+        }))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        Err(shared_memory_unimplemented())
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        Err(shared_memory_unimplemented())
+    }
+
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        Err(shared_memory_unimplemented())
+    }
+}
+
+fn shared_memory_unimplemented() -> Status {
+    Status::unimplemented("system shared memory is not supported by this worker yet")
+}

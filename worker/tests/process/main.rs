@@ -1,0 +1,9 @@
+//! Integration tests: the real `remotemedia-model-worker` binary as a process, driven over TCP,
+//! a Unix socket and plain HTTP. One test binary (its modules below) keeps linking cheap.
+
+mod errors;
+mod lifecycle;
+mod load;
+mod rpcs;
+mod startup;
+mod support;
