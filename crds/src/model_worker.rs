@@ -123,8 +123,8 @@ pub struct ModelWorkerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batching: Option<Batching>,
 
-    /// Most requests one replica handles at once (queued or running); more are refused with
-    /// RESOURCE_EXHAUSTED. From 1 to 10000; unset: the worker's default (100).
+    /// Requests one replica runs at once (the worker's `--max-concurrency`); more wait in its
+    /// queue. From 1 to 10000; unset: the worker's default (100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10_000))]
     pub max_concurrency: Option<i32>,
