@@ -49,8 +49,8 @@ fn kubectl(args: &[&str], stdin: Option<&str>) -> Kubectl {
 }
 
 /// Runs kubectl and returns its output, failing the test if kubectl fails.
-fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
-    let run = kubectl(args, stdin);
+fn kubectl_ok(args: &[&str]) -> String {
+    let run = kubectl(args, None);
     assert!(run.success, "kubectl {args:?} failed: {}", run.stderr);
     run.stdout
 }
@@ -59,16 +59,13 @@ fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
 /// calls it: tests run in any order, and a repeated server-side apply changes nothing.
 fn install_crd() {
     let crd = repo("crds/modelworker.yaml");
-    kubectl_ok(&["apply", "--server-side", "-f", &crd], None);
-    kubectl_ok(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "--timeout=60s",
-            "crd/modelworkers.remotemedia.io",
-        ],
-        None,
-    );
+    kubectl_ok(&["apply", "--server-side", "-f", &crd]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/modelworkers.remotemedia.io",
+    ]);
 }
 
 /// A ModelWorker named `name` with a valid CPU spec, `patch`'s keys replacing the spec's.
@@ -93,7 +90,7 @@ async fn crd_installs_with_server_side_apply_and_examples_apply() -> Result<(), 
     let ns = TestNamespace::create(&client, "mw-examples").await?;
     for example in ["examples/modelworker.yaml", "examples/modelworker-gpu.yaml"] {
         let path = repo(example);
-        kubectl_ok(&["apply", "-n", &ns.name, "-f", &path], None);
+        kubectl_ok(&["apply", "-n", &ns.name, "-f", &path]);
     }
     let workers = ns.api::<ModelWorker>();
     let cpu = workers
@@ -108,7 +105,7 @@ async fn crd_installs_with_server_side_apply_and_examples_apply() -> Result<(), 
     assert_eq!((gpu.spec.device, gpu.spec.gpus), (Device::Cuda, 1));
 
     // Printer columns, through the short name and the category.
-    let table = kubectl_ok(&["get", SHORT_NAME, "-n", &ns.name], None);
+    let table = kubectl_ok(&["get", SHORT_NAME, "-n", &ns.name]);
     let header: Vec<&str> = table
         .lines()
         .next()
@@ -130,7 +127,7 @@ async fn crd_installs_with_server_side_apply_and_examples_apply() -> Result<(), 
         ])),
         "{table}"
     );
-    let listed = kubectl_ok(&["get", CATEGORY, "-n", &ns.name, "-o", "name"], None);
+    let listed = kubectl_ok(&["get", CATEGORY, "-n", &ns.name, "-o", "name"]);
     assert!(
         listed.contains("modelworker.remotemedia.io/silero-vad"),
         "{listed}"
@@ -346,7 +343,7 @@ async fn kubectl_scale_sets_spec_replicas_through_the_scale_subresource() -> Res
         .await
         .map_err(api("create the ModelWorker"))?;
 
-    kubectl_ok(&["scale", "-n", &ns.name, "mw/x", "--replicas=3"], None);
+    kubectl_ok(&["scale", "-n", &ns.name, "mw/x", "--replicas=3"]);
     let scaled = workers.get("x").await.map_err(api("get the ModelWorker"))?;
     assert_eq!(scaled.spec.replicas, 3);
     ns.delete().await
@@ -365,25 +362,21 @@ async fn hpa_targeting_a_model_worker_is_able_to_scale() -> Result<(), Error> {
     // What the operator will report: pods and their selector, read through the scale subresource.
     let status =
         json!({ "status": { "replicas": 1, "selector": "remotemedia.io/model-worker=x" } });
-    kubectl_ok(
-        &[
-            "patch",
-            "-n",
-            &ns.name,
-            "mw/x",
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &status.to_string(),
-        ],
-        None,
-    );
+    kubectl_ok(&[
+        "patch",
+        "-n",
+        &ns.name,
+        "mw/x",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &status.to_string(),
+    ]);
     let path = format!(
         "/apis/remotemedia.io/v1alpha1/namespaces/{}/modelworkers/x/scale",
         ns.name
     );
-    let scale: Value =
-        serde_json::from_str(&kubectl_ok(&["get", "--raw", &path], None)).expect("JSON");
+    let scale: Value = serde_json::from_str(&kubectl_ok(&["get", "--raw", &path])).expect("JSON");
     assert_eq!(scale["spec"]["replicas"], 1);
     assert_eq!(scale["status"]["replicas"], 1);
     assert_eq!(scale["status"]["selector"], "remotemedia.io/model-worker=x");
