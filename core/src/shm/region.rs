@@ -28,10 +28,15 @@ const CREATE_ATTEMPTS: u32 = 8;
 pub struct Region {
     id: RegionId,
     access: Access,
+    /// Device and inode of the object: tells this region from a later one under the same name.
+    identity: Identity,
     // Field order matters: the mapping is unmapped before the descriptor (and its lock) goes.
     mapping: Mapping,
     holder: Holder,
 }
+
+/// `(st_dev, st_ino)` of a shared-memory object.
+type Identity = (u64, u64);
 
 #[derive(Debug)]
 enum Holder {
@@ -77,6 +82,7 @@ impl Region {
             return Ok(Self {
                 id,
                 access: Access::Shared,
+                identity: identity(&stat),
                 mapping,
                 holder: Holder::Owner(lock),
             });
@@ -88,24 +94,21 @@ impl Region {
 
     /// Opens and maps a region that another process (or this one) created, uncached: each call
     /// is its own mapping. Use [`open_region`] to share one mapping per process.
+    ///
+    /// `id` is any valid POSIX shared-memory name without its leading slash, not only the names
+    /// this crate creates: the model worker maps keys that Triton-style clients chose.
     pub fn open_named(id: &str, access: Access) -> Result<Self, ShmError> {
-        validate_id(id)?;
-        let id = RegionId(id.to_owned());
-        let flags = match access {
-            Access::Shared => OFlag::O_RDWR,
-            // A private mapping never writes back, so read access to the object is enough.
-            Access::Private => OFlag::O_RDONLY,
-        };
-        let fd = match shm_open(
-            shm_path(&id).as_str(),
-            flags | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => return Err(ShmError::NotFound { id: id.0 }),
-            Err(source) => return Err(os("open", &id, source)),
-        };
-        let stat = fstat(&fd).map_err(|e| os("inspect", &id, e))?;
+        let (id, fd, stat) = open_object(id, access)?;
+        Self::map_opened(id, fd, &stat, access)
+    }
+
+    /// Maps an object `open_object` opened: registers as a reader, then maps all of it.
+    fn map_opened(
+        id: RegionId,
+        fd: OwnedFd,
+        stat: &nix::sys::stat::FileStat,
+        access: Access,
+    ) -> Result<Self, ShmError> {
         let len = usize::try_from(stat.st_size)
             .ok()
             .and_then(NonZeroUsize::new)
@@ -119,6 +122,7 @@ impl Region {
         Ok(Self {
             id,
             access,
+            identity: identity(stat),
             mapping,
             holder: Holder::Reader(fd),
         })
@@ -157,6 +161,12 @@ impl Region {
     /// The bytes of the region, writable (through to every holder for [`Access::Shared`]).
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         self.mapping.as_mut_slice()
+    }
+
+    /// Copies `data` in at `offset` through a shared reference; see [`Mapping::write_at`].
+    /// `None` when the range passes the end of the region.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Option<()> {
+        self.mapping.write_at(offset, data)
     }
 
     /// Whether any reader (in any process, this one included) still has the region open.
@@ -205,20 +215,57 @@ impl Drop for Region {
 /// every other call gets the same mapping (mapping a large region and faulting its pages in
 /// costs milliseconds; readers such as the model worker see the same region on every request).
 /// The mapping goes when the last holder drops it.
+///
+/// Each call still opens the name, so a name that was unlinked is `NotFound` even while a
+/// mapping of it is cached, and a name that now belongs to a new object maps that object, never
+/// the stale one.
 pub fn open_region(id: &str, access: Access) -> Result<Arc<Region>, ShmError> {
     type Cache = HashMap<(String, Access), Weak<Region>>;
     static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Default::default);
+    let (region_id, fd, stat) = open_object(id, access)?;
     let key = (id.to_owned(), access);
     // A poisoned cache only means another thread panicked between two map operations; the map
     // itself is always consistent.
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(region) = cache.get(&key).and_then(Weak::upgrade) {
+    if let Some(region) = cache.get(&key).and_then(Weak::upgrade)
+        && region.identity == identity(&stat)
+    {
         return Ok(region);
     }
-    let region = Arc::new(Region::open_named(id, access)?);
+    let region = Arc::new(Region::map_opened(region_id, fd, &stat, access)?);
     cache.retain(|_, weak| weak.strong_count() > 0);
     cache.insert(key, Arc::downgrade(&region));
     Ok(region)
+}
+
+/// Opens the object named `id` for `access`, without mapping it.
+fn open_object(
+    id: &str,
+    access: Access,
+) -> Result<(RegionId, OwnedFd, nix::sys::stat::FileStat), ShmError> {
+    validate_id(id)?;
+    let id = RegionId(id.to_owned());
+    let flags = match access {
+        Access::Shared => OFlag::O_RDWR,
+        // A private mapping never writes back, so read access to the object is enough.
+        Access::Private => OFlag::O_RDONLY,
+    };
+    let fd = match shm_open(
+        shm_path(&id).as_str(),
+        flags | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Err(ShmError::NotFound { id: id.0 }),
+        Err(source) => return Err(os("open", &id, source)),
+    };
+    let stat = fstat(&fd).map_err(|e| os("inspect", &id, e))?;
+    Ok((id, fd, stat))
+}
+
+fn identity(stat: &nix::sys::stat::FileStat) -> Identity {
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    (stat.st_dev as u64, stat.st_ino as u64)
 }
 
 /// Checks that `id` can name a POSIX shared-memory object: the precise reason when it cannot.
@@ -374,6 +421,44 @@ mod tests {
         assert_eq!(a.as_slice().as_ptr(), b.as_slice().as_ptr());
         let shared = open_region(owner.id(), Access::Shared).unwrap();
         assert_ne!(a.as_slice().as_ptr(), shared.as_slice().as_ptr());
+    }
+
+    #[test]
+    fn open_region_refuses_an_unlinked_name_and_maps_a_new_object_under_an_old_name() {
+        let owner = Region::create_named(one_mib()).unwrap();
+        let id = owner.id().to_string();
+        let cached = open_region(&id, Access::Private).unwrap();
+        drop(owner);
+        assert!(matches!(
+            open_region(&id, Access::Private),
+            Err(ShmError::NotFound { .. })
+        ));
+        // The holder keeps its bytes; a new object under the same name is not the cached one.
+        assert_eq!(cached.len(), 1 << 20);
+        let path = format!("/{id}");
+        let fd = shm_open(
+            path.as_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR,
+            Mode::S_IRUSR | Mode::S_IWUSR,
+        )
+        .unwrap();
+        ftruncate(&fd, 4096).unwrap();
+        let fresh = open_region(&id, Access::Private);
+        shm_unlink(path.as_str()).unwrap();
+        let fresh = fresh.unwrap();
+        assert_eq!(fresh.len(), 4096);
+        assert!(!Arc::ptr_eq(&fresh, &cached));
+    }
+
+    #[test]
+    fn write_at_reaches_other_holders_and_refuses_ranges_past_the_end() {
+        let owner = Region::create_named(one_mib()).unwrap();
+        let writer = Region::open_named(owner.id(), Access::Shared).unwrap();
+        writer.write_at(10, b"xyz").unwrap();
+        assert_eq!(&owner.as_slice()[10..13], b"xyz");
+        assert_eq!(writer.write_at((1 << 20) - 2, b"xyz"), None);
+        assert_eq!(writer.write_at(usize::MAX, b"x"), None);
+        assert!(owner.as_slice()[(1 << 20) - 2..].iter().all(|&b| b == 0));
     }
 
     #[test]
