@@ -39,7 +39,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for signature in signatures() {
-        let Ok(decoded) = decode_request(request.clone(), &signature) else {
+        let Ok(decoded) = decode_request(request.clone(), &signature, None) else {
             continue;
         };
         assert_eq!(decoded.inputs.len(), signature.inputs.len());
@@ -48,6 +48,6 @@ fuzz_target!(|data: &[u8]| {
             let size = input.datatype.element_size().expect("BYTES is refused") as u128;
             assert_eq!(elements * size, input.data.len() as u128);
         }
-        assert!(decoded.outputs.iter().all(|&index| index < signature.outputs.len()));
+        assert!(decoded.outputs.iter().all(|output| output.index < signature.outputs.len()));
     }
 });
