@@ -176,6 +176,34 @@ def test_bad_shared_memory_requests_get_their_codes_and_the_worker_keeps_serving
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
 
 
+def mappings_of(worker, key):
+    """Lines of the worker's /proc/<pid>/maps that map the object `key`."""
+    with open(f"/proc/{worker.process.pid}/maps") as maps:
+        return [line for line in maps if f"/dev/shm{key}" in line]
+
+
+def test_a_region_is_mapped_once_however_many_requests_use_it_and_unmapped_on_unregister(identity, client, regions):
+    array = np.arange(256, dtype=np.float32)
+    region = regions(array.nbytes)
+    region.write(array)
+    client.register_system_shared_memory("r", region.key, array.nbytes)
+    client.register_system_shared_memory("r2", region.key, 64)
+    # One private mapping for inputs and one shared for outputs, for both registrations.
+    assert len(mappings_of(identity, region.key)) == 2
+    for _ in range(20):
+        result = client.infer(
+            "identity",
+            [shm_input("INPUT0", array, "FP32", "r")],
+            outputs=[shm_output("OUTPUT0", "r", array.nbytes)],
+        )
+        assert result.get_output("OUTPUT0") is not None
+    assert len(mappings_of(identity, region.key)) == 2
+    client.unregister_system_shared_memory("r")
+    assert len(mappings_of(identity, region.key)) == 2, "r2 still uses the mappings"
+    client.unregister_system_shared_memory("r2")
+    assert mappings_of(identity, region.key) == []
+
+
 def test_a_key_unlinked_after_registering_keeps_serving(client, regions):
     array = np.arange(512, dtype=np.int16)
     region = regions(array.nbytes)
