@@ -168,7 +168,14 @@ impl InferenceService {
                 model.signature.outputs.len()
             ))));
         }
-        response(model, id, &outputs, &wanted)
+        if wanted.iter().any(|output| output.shared_memory.is_some()) {
+            // Copying into the client's region may move hundreds of MiB: off the async runtime.
+            let name = model.name.clone();
+            return tokio::task::spawn_blocking(move || response(&name, id, &outputs, &wanted))
+                .await
+                .map_err(|_| ServiceError::Panicked)?;
+        }
+        response(&model.name, id, &outputs, &wanted)
     }
 }
 
@@ -176,7 +183,7 @@ impl InferenceService {
 /// memory is copied into the client's range (the one copy) and leaves an empty raw entry, so
 /// raw entries still line up with outputs for clients that index them by position.
 fn response(
-    model: &ModelDescription,
+    model_name: &str,
     id: String,
     outputs: &[OutputTensor],
     wanted: &[RequestedOutput],
@@ -228,7 +235,7 @@ fn response(
         tensors.push(tensor);
     }
     Ok(ModelInferResponse {
-        model_name: model.name.clone(),
+        model_name: model_name.to_owned(),
         model_version: defaults::MODEL_VERSION.to_owned(),
         id,
         outputs: tensors,
