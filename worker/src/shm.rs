@@ -623,6 +623,31 @@ mod tests {
         assert_eq!(registry.registered.get(), 0);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn a_tensor_is_served_exactly_when_it_lies_inside_the_registered_range(
+            registered_offset in 0u64..64,
+            registered_size in 1u64..64,
+            offset in 0u64..80,
+            byte_size in 0u64..80,
+            alignment in proptest::sample::select(vec![1usize, 2, 4, 8]),
+        ) {
+            let client = client_region(128);
+            let registry = registry();
+            registry.register("r", client.id(), registered_offset, registered_size).unwrap();
+            let result = registry.input(&reference("r", offset, byte_size), alignment);
+            if offset + byte_size <= registered_size {
+                let start = (registered_offset + offset) as usize;
+                let bytes = result.unwrap();
+                proptest::prop_assert_eq!(bytes.as_ref(), &client.as_slice()[start..start + byte_size as usize]);
+                proptest::prop_assert!((bytes.as_ptr() as usize).is_multiple_of(alignment) || bytes.is_empty());
+            } else {
+                let out_of_range = matches!(result, Err(SharedMemoryError::OutOfRange { .. }));
+                proptest::prop_assert!(out_of_range);
+            }
+        }
+    }
+
     #[test]
     fn an_unlinked_key_keeps_serving_from_the_registration() {
         let client = client_region(4096);
