@@ -250,14 +250,15 @@ fn decode_input(
         name: shown(&name),
         expected: names(&signature.inputs),
     })?;
-    let registry = match (&shared, shared_memory) {
+    let shared = match (shared, shared_memory) {
+        (None, _) => None,
         (Some(_), None) => {
             return Err(DecodeError::SharedMemoryUnsupported {
                 kind: "input",
                 name: shown(&name),
             });
         }
-        (_, registry) => registry,
+        (Some(reference), Some(registry)) => Some((reference, registry)),
     };
     let datatype = match DataType::from_name(&datatype) {
         Some(DataType::Bytes) => return Err(DecodeError::BytesUnsupported(shown(&name))),
@@ -310,7 +311,7 @@ fn decode_input(
         .ok_or_else(overflow)?;
     let element_size = datatype.element_size().ok_or_else(overflow)?;
     let byte_size = elements.checked_mul(element_size).ok_or_else(overflow)?;
-    if let (Some(reference), Some(registry)) = (shared, registry) {
+    if let Some((reference, registry)) = shared {
         if contents.is_some() {
             return Err(DecodeError::SharedMemoryAndData(name));
         }
@@ -326,7 +327,7 @@ fn decode_input(
         let data = registry.input(&reference, element_size).map_err(|error| {
             DecodeError::SharedMemory {
                 kind: "input",
-                name: name.clone(),
+                name: shown(&name),
                 error,
             }
         })?;
@@ -400,13 +401,13 @@ fn decode_outputs(
             (Some(_), None) => {
                 return Err(DecodeError::SharedMemoryUnsupported {
                     kind: "output",
-                    name: output.name,
+                    name: shown(&output.name),
                 });
             }
             (Some(reference), Some(registry)) => Some(registry.output(&reference).map_err(
                 |error| DecodeError::SharedMemory {
                     kind: "output",
-                    name: output.name.clone(),
+                    name: shown(&output.name),
                     error,
                 },
             )?),

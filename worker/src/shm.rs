@@ -30,6 +30,8 @@ use remotemedia_proto::inference::system_shared_memory_status_response::RegionSt
 use remotemedia_runtime_core::shm::{Access, Region, ShmError, open_region};
 use tokio::sync::oneshot;
 
+use crate::decode::shown;
+
 /// A tensor placed in shared memory by the client: Triton's `shared_memory_region`,
 /// `shared_memory_offset` (relative to the registered range) and `shared_memory_byte_size`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +121,7 @@ impl Registration {
     /// range with overflow-checked arithmetic.
     fn locate(&self, tensor: &SharedMemoryRef) -> Result<(usize, usize), SharedMemoryError> {
         let out_of_range = || SharedMemoryError::OutOfRange {
-            region: tensor.region.clone(),
+            region: shown(&tensor.region),
             offset: tensor.offset,
             byte_size: tensor.byte_size,
             registered: self.byte_size,
@@ -165,23 +167,25 @@ impl SharedMemoryRegistry {
         if name.is_empty() {
             return Err(SharedMemoryError::EmptyName);
         }
+        // Errors quote the name cut to a length fit for a status message.
+        let quoted = shown(name);
         if self.regions().contains_key(name) {
-            return Err(SharedMemoryError::AlreadyRegistered(name.to_owned()));
+            return Err(SharedMemoryError::AlreadyRegistered(quoted.clone()));
         }
         if byte_size == 0 {
-            return Err(SharedMemoryError::EmptyRange(name.to_owned()));
+            return Err(SharedMemoryError::EmptyRange(quoted.clone()));
         }
         // glibc's shm_open skips leading slashes; so does the worker.
         let object = key.trim_start_matches('/');
         let open = |access| {
             open_region(object, access).map_err(|error| match error {
-                ShmError::NotFound { .. } => SharedMemoryError::KeyNotFound(name.to_owned()),
+                ShmError::NotFound { .. } => SharedMemoryError::KeyNotFound(quoted.clone()),
                 ShmError::InvalidRegionId { reason, .. } => SharedMemoryError::InvalidKey {
-                    name: name.to_owned(),
+                    name: quoted.clone(),
                     reason: reason.to_owned(),
                 },
                 ShmError::EmptyRegion { .. } => SharedMemoryError::PastObject {
-                    name: name.to_owned(),
+                    name: quoted.clone(),
                     offset,
                     byte_size,
                     object_size: 0,
@@ -189,7 +193,7 @@ impl SharedMemoryRegistry {
                 other => {
                     // The OS error names the key: logged, not sent.
                     tracing::warn!(region = name, error = %other, "failed to map a registered region");
-                    SharedMemoryError::Map(name.to_owned())
+                    SharedMemoryError::Map(quoted.clone())
                 }
             })
         };
@@ -201,7 +205,7 @@ impl SharedMemoryRegistry {
             .is_none_or(|end| end > object_size as u64)
         {
             return Err(SharedMemoryError::PastObject {
-                name: name.to_owned(),
+                name: quoted,
                 offset,
                 byte_size,
                 object_size,
@@ -220,7 +224,7 @@ impl SharedMemoryRegistry {
         let mut regions = self.regions();
         // Another call may have taken the name while this one was mapping.
         if regions.contains_key(name) {
-            return Err(SharedMemoryError::AlreadyRegistered(name.to_owned()));
+            return Err(SharedMemoryError::AlreadyRegistered(quoted.clone()));
         }
         regions.insert(
             name.to_owned(),
@@ -298,7 +302,7 @@ impl SharedMemoryRegistry {
         self.regions()
             .get(region)
             .map(|entry| Arc::clone(&entry.registration))
-            .ok_or_else(|| SharedMemoryError::NotRegistered(region.to_owned()))
+            .ok_or_else(|| SharedMemoryError::NotRegistered(shown(region)))
     }
 
     /// The input bytes `tensor` names, in place in the region's private mapping when their
@@ -390,8 +394,8 @@ impl OutputSlot {
     /// Copies `data` (output `output`) into the client's range: the one copy, no serialization.
     pub fn write(&self, output: &str, data: &[u8]) -> Result<(), SharedMemoryError> {
         let too_small = || SharedMemoryError::OutputTooSmall {
-            output: output.to_owned(),
-            region: self.reference.region.clone(),
+            output: shown(output),
+            region: shown(&self.reference.region),
             needed: data.len(),
             given: self.reference.byte_size,
         };
