@@ -7,7 +7,10 @@
 //!   that writes into its input gets private copy-on-write pages and the client's bytes stay as
 //!   they were, and `MAP_SHARED` for outputs, so the one copy out lands in the client's pages.
 //!   Mappings come from `remotemedia_runtime_core::shm::open_region`, so two registrations of
-//!   one key share them.
+//!   one key share them. Backends get the input as `&[u8]` and cannot write into it; one that
+//!   handed the mapping to libtorch with `from_blob` would need more than `MAP_PRIVATE`, because
+//!   a page it wrote would stay the worker's private copy for every later request on that
+//!   region (the TorchScript backend copies its inputs instead).
 //! - A request holds a lease on each registration it uses (an `Arc`) until its forward pass
 //!   ended and its outputs were written. **Unregister waits**: the name is gone at once (new
 //!   requests naming it get NOT_FOUND), and the call returns once every in-flight request that
