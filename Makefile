@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv fmt bench fuzz
+.PHONY: help setup demo test venv python-sdk fmt bench fuzz
 
 help: ## List the recipes
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -10,9 +10,13 @@ help: ## List the recipes
 venv: ## Create (or reuse) the pinned Python environment and print its path
 	@scripts/venv.sh
 
-setup: ## Install everything the demo and tests need: Python environment, workspace build
+setup: ## Install everything the demo and tests need: Python environment and SDK, workspace build
 	@scripts/venv.sh >/dev/null
 	cargo build --workspace --locked
+	@scripts/python-sdk.sh
+
+python-sdk: ## Build the Python SDK (python/) into a wheel and install it in the Python environment
+	@scripts/python-sdk.sh
 
 demo: setup ## Set up, then start a model worker, curl its health, run one inference, stop it
 	@scripts/demo.sh
@@ -25,6 +29,8 @@ fmt: ## Format the Rust code
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)
+	@scripts/python-sdk.sh
+	"$$(scripts/venv.sh)/bin/python" python/benches/sdk.py $(if $(QUICK),--quick)
 
 FUZZ_SECONDS ?= 60
 fuzz: ## Fuzz the worker's request decoder for FUZZ_SECONDS (default 60; nightly + cargo-fuzz)

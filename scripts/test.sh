@@ -58,9 +58,12 @@ if compgen -G "*/tests/*.rs" >/dev/null || compgen -G "*/tests/*/main.rs" >/dev/
   cargo build --workspace --locked --examples
   run_tier integration cargo test --workspace --locked --test '*'
 fi
-# Python clients people already use (tritonclient) against the worker binary built here. pytest
-# exits 5 when it collects no test: a failure like any other non-zero exit.
+# Python clients people already use (tritonclient) against the worker binary built here, and the
+# Python SDK (python/) built into a wheel and installed in the venv. pytest exits 5 when it
+# collects no test: a failure like any other non-zero exit.
 if compgen -G "tests/python/test_*.py" >/dev/null; then
+  echo "=== python sdk wheel"
+  scripts/python-sdk.sh
   cargo build --locked -p remotemedia-model-worker
   target_dir=$(cargo metadata --format-version 1 --no-deps |
     "$REMOTEMEDIA_PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
