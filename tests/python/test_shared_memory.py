@@ -204,6 +204,69 @@ def test_a_region_is_mapped_once_however_many_requests_use_it_and_unmapped_on_un
     assert mappings_of(identity, region.key) == []
 
 
+def test_concurrent_requests_share_one_region_each_writing_its_own_slice(client, regions):
+    rows = 32
+    array = np.arange(rows * 64, dtype=np.float32).reshape(rows, 64)
+    inputs = regions(array.nbytes)
+    outputs = regions(array.nbytes)
+    inputs.write(array)
+    client.register_system_shared_memory("in", inputs.key, array.nbytes)
+    client.register_system_shared_memory("out", outputs.key, array.nbytes)
+    row_bytes = array[0].nbytes
+    errors = []
+
+    def infer(row):
+        try:
+            client.infer(
+                "identity",
+                [shm_input("INPUT0", array[row], "FP32", "in", offset=row * row_bytes)],
+                outputs=[shm_output("OUTPUT0", "out", row_bytes, offset=row * row_bytes)],
+            )
+        except Exception as error:  # noqa: BLE001 - reported below with its row
+            errors.append((row, error))
+
+    threads = [threading.Thread(target=infer, args=(row,)) for row in range(rows)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    np.testing.assert_array_equal(outputs.read(np.float32, array.shape), array)
+
+
+def test_stream_infers_through_shared_memory(client, regions):
+    array = np.arange(8, dtype=np.int32)
+    inputs = regions(array.nbytes)
+    outputs = regions(2 * array.nbytes)
+    inputs.write(array)
+    client.register_system_shared_memory("in", inputs.key, array.nbytes)
+    client.register_system_shared_memory("out", outputs.key, 2 * array.nbytes)
+    answers = []
+    done = threading.Semaphore(0)
+
+    def callback(result, error):
+        answers.append((result, error))
+        done.release()
+
+    client.start_stream(callback=callback)
+    try:
+        for k in range(2):
+            client.async_stream_infer(
+                "identity",
+                [shm_input("INPUT0", array, "INT32", "in")],
+                outputs=[shm_output("OUTPUT0", "out", array.nbytes, offset=k * array.nbytes)],
+                request_id=str(k),
+            )
+        client.async_stream_infer("identity", [shm_input("INPUT0", array, "INT32", "nope")], request_id="bad")
+        for _ in range(3):
+            assert done.acquire(timeout=10)
+    finally:
+        client.stop_stream()
+    errors = [error for _, error in answers if error is not None]
+    assert len(errors) == 1 and "'nope' is not registered" in errors[0].message()
+    np.testing.assert_array_equal(outputs.read(np.int32, (2, 8)), np.stack([array, array]))
+
+
 def test_a_key_unlinked_after_registering_keeps_serving(client, regions):
     array = np.arange(512, dtype=np.int16)
     region = regions(array.nbytes)
