@@ -920,7 +920,7 @@ mod tests {
         for (i, byte) in client.as_mut_slice().iter_mut().enumerate() {
             *byte = i as u8;
         }
-        let registry = SharedMemoryRegistry::new(Default::default(), Default::default());
+        let registry = SharedMemoryRegistry::unmeasured();
         registry.register("r", client.id(), 0, 4096).unwrap();
         (client, registry)
     }

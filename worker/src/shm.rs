@@ -152,6 +152,11 @@ impl SharedMemoryRegistry {
         }
     }
 
+    /// A registry whose metrics are registered nowhere (tests, fuzzing).
+    pub fn unmeasured() -> Self {
+        Self::new(Counter::default(), Gauge::default())
+    }
+
     fn regions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
         // A poisoned lock only means a thread panicked between two map operations; the map
         // itself is always consistent.
@@ -444,7 +449,7 @@ mod tests {
     use super::*;
 
     fn registry() -> SharedMemoryRegistry {
-        SharedMemoryRegistry::new(Counter::default(), Gauge::default())
+        SharedMemoryRegistry::unmeasured()
     }
 
     /// A client's object of `len` bytes, filled with 0, 1, 2, … (mod 256).
