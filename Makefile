@@ -2,10 +2,10 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv python-sdk fmt bench fuzz
+.PHONY: help setup demo test venv python-sdk fmt bench fuzz cluster-up cluster-down e2e
 
 help: ## List the recipes
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 venv: ## Create (or reuse) the pinned Python environment and print its path
 	@scripts/venv.sh
@@ -36,3 +36,12 @@ FUZZ_SECONDS ?= 60
 fuzz: ## Fuzz the worker's request decoder for FUZZ_SECONDS (default 60; nightly + cargo-fuzz)
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd worker && cargo +nightly fuzz run decode_request -- -max_total_time=$(FUZZ_SECONDS)
+
+cluster-up: ## Start the local Kubernetes control plane (see e2e/cluster.sh env for KUBECONFIG)
+	@e2e/cluster.sh up
+
+cluster-down: ## Stop the local control plane; fails if a port stays open
+	@e2e/cluster.sh down
+
+e2e: ## Run only the end-to-end tier: control plane up, e2e tests, control plane down
+	@e2e/test.sh

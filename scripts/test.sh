@@ -52,11 +52,11 @@ run_tier unit cargo test --workspace --locked --lib --bins
 echo "=== examples"
 cargo run --locked -q -p remotemedia-runtime-core --example model_registry
 # Integration tests are the `tests/*.rs` (or `tests/*/main.rs`) targets of the workspace's
-# crates: real processes.
-if compgen -G "*/tests/*.rs" >/dev/null || compgen -G "*/tests/*/main.rs" >/dev/null; then
+# crates but the e2e crate's: real processes.
+if compgen -G "*/tests/*.rs" | grep -qv '^e2e/' || compgen -G "*/tests/*/main.rs" >/dev/null; then
   # Some start the crates' examples as the other process; `--test '*'` alone does not build them.
   cargo build --workspace --locked --examples
-  run_tier integration cargo test --workspace --locked --test '*'
+  run_tier integration cargo test --workspace --exclude remotemedia-e2e --locked --test '*'
 fi
 # Python clients people already use (tritonclient) against the worker binary built here, and the
 # Python SDK (python/) built into a wheel and installed in the venv. pytest exits 5 when it
@@ -70,6 +70,9 @@ if compgen -G "tests/python/test_*.py" >/dev/null; then
   export REMOTEMEDIA_WORKER_BIN="$target_dir/debug/remotemedia-model-worker"
   run_tier pytest "$REMOTEMEDIA_PYTHON" -m pytest -p no:cacheprovider tests/python
 fi
+# End-to-end: the e2e crate's tests against a local Kubernetes control plane that e2e/test.sh
+# starts and tears down (a cold cache first builds it from the pinned Go modules).
+run_tier e2e e2e/test.sh
 
 echo
 echo "=== summary"

@@ -6,7 +6,7 @@ use std::error::Error;
 use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, SystemTime};
 
 use tokio::runtime::Handle;
@@ -18,8 +18,9 @@ use super::handle::{ErasedHandle, Usage};
 use super::{EvictionPolicy, ModelHandle, RegistryConfig, RegistryError, RegistryModel};
 
 type BoxError = Box<dyn Error + Send + Sync + 'static>;
-/// What a load publishes to the callers waiting for it: `None` until it finishes.
-type LoadOutcome = Option<Result<ErasedHandle, RegistryError>>;
+/// What a load publishes to the callers waiting for it: `None` until it finishes. A loaded model
+/// itself is handed over through the flight's [`Handover`].
+type LoadOutcome = Option<Result<(), RegistryError>>;
 
 /// Counters since the registry was created, and what it holds now.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,6 +101,82 @@ struct Flight {
     type_id: TypeId,
     type_name: &'static str,
     outcome: watch::Receiver<LoadOutcome>,
+    handover: Arc<Handover>,
+}
+
+/// Where a finished load leaves its model for the callers that waited for it. The load's own
+/// reference stays here until the last waiter has taken a handle of its own (or given up), and is
+/// dropped by that waiter: once every caller has returned, only the callers' handles count, so a
+/// model nobody holds is idle at once and still could not be evicted before its waiters had it.
+#[derive(Default)]
+struct Handover(Mutex<HandoverState>);
+
+#[derive(Default)]
+struct HandoverState {
+    /// Callers still waiting on the flight.
+    waiters: usize,
+    /// The load's own handle, while waiters remain.
+    handle: Option<ErasedHandle>,
+}
+
+impl Handover {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HandoverState> {
+        // Nothing that can panic runs under this lock.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn join(self: &Arc<Self>, outcome: watch::Receiver<LoadOutcome>) -> Waiter {
+        self.lock().waiters += 1;
+        Waiter {
+            outcome,
+            handover: Arc::clone(self),
+            counted: true,
+        }
+    }
+
+    /// Leaves the finished load's handle for the waiters, or drops it if none is left.
+    fn deliver(&self, handle: ErasedHandle) {
+        let mut state = self.lock();
+        if state.waiters > 0 {
+            state.handle = Some(handle);
+        }
+    }
+}
+
+/// One caller waiting for a load, counted in its flight's [`Handover`] until it leaves.
+struct Waiter {
+    outcome: watch::Receiver<LoadOutcome>,
+    handover: Arc<Handover>,
+    counted: bool,
+}
+
+impl Waiter {
+    /// Takes this caller's own handle to the delivered model, and leaves.
+    fn take(mut self) -> Option<ErasedHandle> {
+        let mut state = self.handover.lock();
+        let handle = state.handle.clone();
+        Self::leave(&mut state);
+        self.counted = false;
+        handle
+    }
+
+    fn leave(state: &mut HandoverState) {
+        state.waiters -= 1;
+        if state.waiters == 0 {
+            state.handle = None;
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        // A caller that gave up, or that got an error, leaves without a handle.
+        if self.counted {
+            Self::leave(&mut self.handover.lock());
+        }
+    }
 }
 
 struct Entry {
@@ -116,7 +193,7 @@ struct Entry {
 /// What a request found under the lock.
 enum Found<T> {
     Ready(ModelHandle<T>),
-    Wait(watch::Receiver<LoadOutcome>),
+    Wait(Waiter),
 }
 
 static GLOBAL: OnceLock<ModelRegistry> = OnceLock::new();
@@ -327,22 +404,23 @@ impl ModelRegistry {
         S: FnOnce(&Handle) -> JoinHandle<Result<T, BoxError>>,
     {
         self.inner.ensure_sweeper();
-        let mut outcome = match self.inner.find_or_start(model_id, size_hint, start)? {
+        let mut waiter = match self.inner.find_or_start(model_id, size_hint, start)? {
             Found::Ready(handle) => return Ok(handle),
-            Found::Wait(outcome) => outcome,
+            Found::Wait(waiter) => waiter,
         };
-        // Cloning the published handle takes this caller's own reference.
-        let published = match outcome.wait_for(Option::is_some).await {
+        let published = match waiter.outcome.wait_for(Option::is_some).await {
             Ok(published) => published.clone(),
             // The load's task was dropped before publishing: its runtime shut down.
             Err(_) => None,
         };
+        let aborted = || RegistryError::LoadAborted {
+            model_id: model_id.to_owned(),
+        };
         match published {
-            Some(Ok(handle)) => handle.into_typed(),
+            // Cloning the delivered handle takes this caller's own reference.
+            Some(Ok(())) => waiter.take().ok_or_else(aborted)?.into_typed(),
             Some(Err(error)) => Err(error),
-            None => Err(RegistryError::LoadAborted {
-                model_id: model_id.to_owned(),
-            }),
+            None => Err(aborted()),
         }
     }
 }
@@ -429,6 +507,8 @@ impl Inner {
             return self.join(model_id, slot);
         }
         let (publish, outcome) = watch::channel(None);
+        let handover = Arc::new(Handover::default());
+        let waiter = handover.join(outcome.clone());
         let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
         slots.insert(
             model_id.to_owned(),
@@ -436,7 +516,8 @@ impl Inner {
                 id,
                 type_id: TypeId::of::<T>(),
                 type_name: std::any::type_name::<T>(),
-                outcome: outcome.clone(),
+                outcome,
+                handover: Arc::clone(&handover),
             }),
         );
         drop(slots);
@@ -449,9 +530,9 @@ impl Inner {
             id,
             size_hint,
             loading,
-            publish,
+            (publish, handover),
         ));
-        Ok(Found::Wait(outcome))
+        Ok(Found::Wait(waiter))
     }
 
     fn join<T: RegistryModel>(
@@ -482,7 +563,7 @@ impl Inner {
             }
             Slot::Loading(flight) => {
                 self.cache_misses.fetch_add(1, Ordering::Relaxed);
-                Ok(Found::Wait(flight.outcome.clone()))
+                Ok(Found::Wait(flight.handover.join(flight.outcome.clone())))
             }
         }
     }
@@ -495,7 +576,7 @@ impl Inner {
         flight: u64,
         size_hint: Option<u64>,
         loading: JoinHandle<Result<T, BoxError>>,
-        publish: watch::Sender<LoadOutcome>,
+        (publish, handover): (watch::Sender<LoadOutcome>, Arc<Handover>),
     ) {
         // Also runs if this task is dropped mid-load (runtime shutdown): then the waiters see
         // the channel close, and the next request loads again.
@@ -523,8 +604,9 @@ impl Inner {
         // A failed flight leaves the map before its waiters hear, so that whoever asks after
         // them starts a fresh load instead of reading the old error.
         drop(unregister);
-        // With no receiver left (every caller gave up), the handle inside drops here and the
-        // model stays loaded, idle.
+        // With no waiter left (every caller gave up), the handle drops here and the model stays
+        // loaded, idle.
+        let outcome = outcome.map(|handle| handover.deliver(handle));
         publish.send_replace(Some(outcome));
     }
 

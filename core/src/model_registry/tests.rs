@@ -459,3 +459,22 @@ fn the_global_registry_is_one_instance_and_cannot_be_reconfigured_after_use() {
 }
 
 mod properties;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_is_idle_as_soon_as_the_only_caller_drops_its_handle_after_a_load() {
+    // The load's task publishes a handle of its own to the waiters; it must be gone by the time
+    // the caller returns, or a model nobody holds still counts as in use for a moment.
+    let registry = registry(|config| config.eviction_policy = EvictionPolicy::Manual);
+    for round in 0..200 {
+        let handle = registry
+            .get_or_load("m", || Ok::<_, io::Error>(Model { bytes: None }))
+            .await
+            .expect("loads");
+        drop(handle);
+        assert_eq!(
+            registry.clear(),
+            1,
+            "round {round}: the model still counted as in use"
+        );
+    }
+}

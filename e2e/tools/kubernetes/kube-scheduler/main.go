@@ -1,0 +1,17 @@
+// Command kube-scheduler is the upstream Kubernetes scheduler, built from the version pinned in
+// e2e/versions.env. Upstream's own main package cannot be imported, so this repeats its wiring.
+package main
+
+import (
+	"os"
+
+	"k8s.io/component-base/cli"
+	_ "k8s.io/component-base/logs/json/register"
+	_ "k8s.io/component-base/metrics/prometheus/clientgo"
+	_ "k8s.io/component-base/metrics/prometheus/version"
+	"k8s.io/kubernetes/cmd/kube-scheduler/app"
+)
+
+func main() {
+	os.Exit(cli.Run(app.NewSchedulerCommand()))
+}
