@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv python-sdk fmt bench fuzz cluster-up cluster-down e2e
+.PHONY: help setup demo test venv python-sdk fmt bench fuzz models gpu-check cluster-up cluster-down e2e
 
 help: ## List the recipes
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -10,9 +10,9 @@ help: ## List the recipes
 venv: ## Create (or reuse) the pinned Python environment and print its path
 	@scripts/venv.sh
 
-setup: ## Install everything the demo and tests need: Python environment and SDK, workspace build
+setup: ## Install everything the demo and tests need: Python environment and SDK, workspace build (worker with TorchScript)
 	@scripts/venv.sh >/dev/null
-	cargo build --workspace --locked
+	source scripts/torch-env.sh && cargo build --workspace --locked --features remotemedia-model-worker/torch
 	@scripts/python-sdk.sh
 
 python-sdk: ## Build the Python SDK (python/) into a wheel and install it in the Python environment
@@ -24,18 +24,27 @@ demo: setup ## Set up, then start a model worker, curl its health, run one infer
 test: ## Format check, clippy, and every test tier with per-tier counts
 	@scripts/test.sh
 
+MODELS_DIR ?= target/models
+models: ## Build the TorchScript test models (model.pt, config.pbtxt, torch's outputs) into MODELS_DIR
+	"$$(scripts/venv.sh)/bin/python" scripts/make_models.py $(MODELS_DIR)
+
+gpu-check: ## Build the worker and a folder (target/gpu-check) that checks it on a CUDA machine
+	@scripts/gpu-check/prepare.sh
+
 fmt: ## Format the Rust code
 	cargo fmt --all
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)
+	cargo bench --locked -p remotemedia-sidecar --bench broker -- $(if $(QUICK),--quick)
 	@scripts/python-sdk.sh
 	"$$(scripts/venv.sh)/bin/python" python/benches/sdk.py $(if $(QUICK),--quick)
 
 FUZZ_SECONDS ?= 60
-fuzz: ## Fuzz the worker's request decoder for FUZZ_SECONDS (default 60; nightly + cargo-fuzz)
+fuzz: ## Fuzz the decoders of outside bytes (worker requests, broker packets), FUZZ_SECONDS each (default 60; nightly + cargo-fuzz)
 	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	cd worker && cargo +nightly fuzz run decode_request -- -max_total_time=$(FUZZ_SECONDS)
+	cd core && cargo +nightly fuzz run broker_packet -- -max_total_time=$(FUZZ_SECONDS)
 
 cluster-up: ## Start the local Kubernetes control plane (see e2e/cluster.sh env for KUBECONFIG)
 	@e2e/cluster.sh up

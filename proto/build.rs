@@ -6,6 +6,7 @@ const PROTOS: &[&str] = &[
     "inference/grpc_service.proto",
     "inference/model_config.proto",
 ];
+const BROKER_PROTO: &str = "remotemedia/broker/v1/broker.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
@@ -22,5 +23,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("descriptors.bin"))
         .compile_with_config(config, PROTOS, &["."])?;
+    // The broker's messages travel over SOCK_SEQPACKET, not gRPC: messages only, and kept out of
+    // the inference descriptor set that is diffed against Triton's.
+    let mut broker = prost_build::Config::new();
+    if env::var_os("PROTOC").is_none() {
+        broker.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    }
+    broker.compile_protos(&[BROKER_PROTO], &["."])?;
     Ok(())
 }

@@ -10,7 +10,8 @@ cd "$root"
 port=${REMOTEMEDIA_DEMO_PORT:-50051}
 admin_port=${REMOTEMEDIA_DEMO_ADMIN_PORT:-9090}
 python="$(scripts/venv.sh)/bin/python"
-cargo build --locked --quiet -p remotemedia-model-worker
+source scripts/torch-env.sh
+cargo build --locked --quiet -p remotemedia-model-worker --features torch
 target_dir=$(cargo metadata --format-version 1 --no-deps |
   "$python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
 worker="$target_dir/debug/remotemedia-model-worker"

@@ -7,6 +7,9 @@ cd "$root"
 
 venv=$(scripts/venv.sh)
 export REMOTEMEDIA_PYTHON="$venv/bin/python"
+# The worker is built and tested with its TorchScript backend: one build of the workspace.
+source scripts/torch-env.sh
+features=(--features remotemedia-model-worker/torch)
 logs=$(mktemp -d)
 summary=()
 total_passed=0
@@ -45,9 +48,11 @@ run_tier() {
 echo "=== format check"
 cargo fmt --all -- --check
 echo "=== clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
+# The worker without libtorch, as a plain `cargo build` makes it.
+cargo clippy -p remotemedia-model-worker --all-targets --locked -- -D warnings
 
-run_tier unit cargo test --workspace --locked --lib --bins
+run_tier unit cargo test --workspace --locked "${features[@]}" --lib --bins
 # Examples are programs written against the crates' public API only; each asserts what it shows.
 echo "=== examples"
 cargo run --locked -q -p remotemedia-runtime-core --example model_registry
@@ -55,8 +60,8 @@ cargo run --locked -q -p remotemedia-runtime-core --example model_registry
 # crates but the e2e crate's: real processes.
 if compgen -G "*/tests/*.rs" | grep -qv '^e2e/' || compgen -G "*/tests/*/main.rs" >/dev/null; then
   # Some start the crates' examples as the other process; `--test '*'` alone does not build them.
-  cargo build --workspace --locked --examples
-  run_tier integration cargo test --workspace --exclude remotemedia-e2e --locked --test '*'
+  cargo build --workspace --locked "${features[@]}" --examples
+  run_tier integration cargo test --workspace --exclude remotemedia-e2e --locked "${features[@]}" --test '*'
 fi
 # Python clients people already use (tritonclient) against the worker binary built here, and the
 # Python SDK (python/) built into a wheel and installed in the venv. pytest exits 5 when it
@@ -64,7 +69,7 @@ fi
 if compgen -G "tests/python/test_*.py" >/dev/null; then
   echo "=== python sdk wheel"
   scripts/python-sdk.sh
-  cargo build --locked -p remotemedia-model-worker
+  cargo build --locked -p remotemedia-model-worker "${features[@]}"
   target_dir=$(cargo metadata --format-version 1 --no-deps |
     "$REMOTEMEDIA_PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
   export REMOTEMEDIA_WORKER_BIN="$target_dir/debug/remotemedia-model-worker"

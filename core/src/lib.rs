@@ -3,7 +3,9 @@
 //! - `model_registry` (feature `model-registry`): `ModelRegistry::get_or_load` loads a model once
 //!   per process however many pipeline stages ask, and evicts idle models.
 //! - `tensor` and `shm` (feature `shared-memory`): `TensorBuffer` over heap or shared memory, and
-//!   the `SharedMemoryAllocator` with quotas and cleanup.
+//!   the `SharedMemoryAllocator` with quotas and cleanup. With `REMOTEMEDIA_SIDECAR` set, regions
+//!   come from the node broker (`shm::broker`) instead of POSIX shared memory by name; the API
+//!   is the same.
 //!
 //! The crate depends on no Kubernetes client, no gRPC server and no libtorch.
 //!

@@ -4,6 +4,7 @@
 //!   Protocol plus Triton's statistics, model-configuration and system-shared-memory extensions),
 //!   restricted to the RPCs RemoteMedia implements. Any other RPC of the published service
 //!   answers UNIMPLEMENTED.
+//! - [`broker`]: the node broker's messages (region descriptors over a Unix socket).
 //! - [`health`]: `grpc.health.v1`, re-exported from `tonic-health`.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every message above, for reflection,
 //!   protobuf text format (`config.pbtxt`) and the wire-compatibility test.
@@ -12,6 +13,13 @@
 #[allow(clippy::all, missing_docs)]
 pub mod inference {
     tonic::include_proto!("inference");
+}
+
+/// `remotemedia.broker.v1`: the node broker's messages (`proto/remotemedia/broker/v1`), sent
+/// one per packet over `SOCK_SEQPACKET`; no gRPC service.
+#[allow(clippy::all, missing_docs)]
+pub mod broker {
+    include!(concat!(env!("OUT_DIR"), "/remotemedia.broker.v1.rs"));
 }
 
 /// `grpc.health.v1`, as served by `tonic-health`.

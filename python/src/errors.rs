@@ -14,6 +14,7 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
 use remotemedia_runtime_core::model_registry::RegistryError;
+use remotemedia_runtime_core::shm::broker::ErrorCode;
 use remotemedia_runtime_core::tensor::{ShmError, TensorError};
 
 /// Which exception to raise.
@@ -167,6 +168,12 @@ pub(crate) fn shm_error(error: ShmError) -> PyErr {
         | ShmError::MemoryLimitExceeded { .. }
         | ShmError::TooLarge { .. } => Kind::Allocation,
         ShmError::EmptyAllocation => Kind::Tensor,
+        // With REMOTEMEDIA_SIDECAR set, the node broker answers: same kinds as the named backend.
+        ShmError::Broker(broker) => match broker.code() {
+            Some(ErrorCode::NotFound) => Kind::RegionNotFound,
+            Some(ErrorCode::ResourceExhausted) => Kind::Allocation,
+            _ => Kind::SharedMemory,
+        },
         _ => Kind::SharedMemory,
     };
     raise(kind, describe(&error))

@@ -24,13 +24,18 @@ pub struct Config {
     pub model_id: Option<String>,
 
     /// The model: `builtin://identity` or `builtin://checksum` (with `?load_delay_ms=`,
-    /// `?infer_delay_ms=`, `?datatype=`, `?shape=`), or a model file
+    /// `?infer_delay_ms=`, `?datatype=`, `?shape=`), or a TorchScript file with Triton's
+    /// `config.pbtxt` beside it
     #[arg(long, env = "REMOTEMEDIA_WORKER_MODEL_PATH")]
     pub model_path: String,
 
     /// Device to run the model on: `cpu` or `cuda:N`
     #[arg(long, env = "REMOTEMEDIA_WORKER_DEVICE", default_value_t = defaults::DEVICE)]
     pub device: Device,
+
+    /// Threads libtorch uses within one operator [default: libtorch's, one per core]
+    #[arg(long, env = "REMOTEMEDIA_WORKER_INTRA_OP_THREADS")]
+    pub intra_op_threads: Option<usize>,
 
     /// Port for gRPC inference and plain HTTP `GET /health`
     #[arg(long, env = "REMOTEMEDIA_WORKER_PORT", default_value_t = defaults::GRPC_PORT)]
@@ -120,6 +125,7 @@ pub struct Settings {
     pub model_id: String,
     pub source: ModelSource,
     pub device: Device,
+    pub intra_op_threads: Option<usize>,
     pub port: u16,
     pub admin_port: u16,
     pub uds: Option<PathBuf>,
@@ -150,8 +156,18 @@ pub enum ConfigError {
     Uds { path: PathBuf, reason: &'static str },
 }
 
-/// Where the NVIDIA driver lists one directory per GPU it manages.
-const NVIDIA_GPUS_DIR: &str = "/proc/driver/nvidia/gpus";
+/// CUDA devices the model could run on: those libtorch sees.
+#[cfg(feature = "torch")]
+fn cuda_device_count() -> usize {
+    crate::backend::cuda_device_count()
+}
+
+/// Without libtorch no model runs on CUDA; the GPUs the NVIDIA driver lists still make
+/// `cuda:N` beyond them a clearer error than the built-ins' "cpu only".
+#[cfg(not(feature = "torch"))]
+fn cuda_device_count() -> usize {
+    std::fs::read_dir("/proc/driver/nvidia/gpus").map_or(0, |entries| entries.count())
+}
 
 /// Longest model id: a DNS subdomain, so it can name Kubernetes objects.
 const MAX_MODEL_ID_LEN: usize = 253;
@@ -163,6 +179,7 @@ impl Config {
             model_id,
             model_path,
             device,
+            intra_op_threads,
             port,
             admin_port,
             uds,
@@ -175,7 +192,7 @@ impl Config {
             termination_log: _,
         } = self;
         // The device first: a model that cannot run on it is beside the point.
-        check_device(device, Path::new(NVIDIA_GPUS_DIR))?;
+        check_device(device, cuda_device_count())?;
         let source = ModelSource::parse(&model_path)?;
         if matches!(source, ModelSource::Builtin(_)) && device != Device::Cpu {
             return Err(ConfigError::Device {
@@ -193,6 +210,7 @@ impl Config {
         for (flag, value) in [
             ("max-concurrency", max_concurrency),
             ("max-message-bytes", max_message_bytes),
+            ("intra-op-threads", intra_op_threads.unwrap_or(1)),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { flag });
@@ -205,6 +223,7 @@ impl Config {
             model_id,
             source,
             device,
+            intra_op_threads,
             port,
             admin_port,
             uds,
@@ -218,11 +237,10 @@ impl Config {
     }
 }
 
-fn check_device(device: Device, gpus_dir: &Path) -> Result<(), ConfigError> {
+fn check_device(device: Device, count: usize) -> Result<(), ConfigError> {
     let Device::Cuda(index) = device else {
         return Ok(());
     };
-    let count = std::fs::read_dir(gpus_dir).map_or(0, |entries| entries.count());
     if index as usize >= count {
         let reason = match count {
             0 => "this machine has no CUDA device".to_owned(),
@@ -328,12 +346,12 @@ mod tests {
 
     #[test]
     fn cuda_device_beyond_the_machines_is_refused() {
-        let empty = tempfile::tempdir().unwrap();
-        let error = check_device(Device::Cuda(0), empty.path()).unwrap_err();
+        let error = check_device(Device::Cuda(0), 0).unwrap_err();
         assert!(error.to_string().contains("no CUDA device"), "{error}");
-        std::fs::create_dir(empty.path().join("0000:01:00.0")).unwrap();
-        check_device(Device::Cuda(0), empty.path()).unwrap();
-        assert!(check_device(Device::Cuda(1), empty.path()).is_err());
+        check_device(Device::Cuda(0), 1).unwrap();
+        check_device(Device::Cpu, 0).unwrap();
+        let error = check_device(Device::Cuda(2), 2).unwrap_err();
+        assert!(error.to_string().contains("cuda:0 to cuda:1"), "{error}");
     }
 
     #[test]
@@ -361,6 +379,12 @@ mod tests {
                 "builtin://identity",
                 "--uds",
                 "/nonexistent-dir/w.sock",
+            ],
+            &[
+                "--model-path",
+                "builtin://identity",
+                "--intra-op-threads",
+                "0",
             ],
         ];
         for args in cases {

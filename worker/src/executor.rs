@@ -282,7 +282,7 @@ mod tests {
     async fn a_free_slot_needs_no_queue_place() {
         let backend: Arc<dyn Backend> = ModelSource::parse("builtin://identity")
             .unwrap()
-            .load()
+            .load(crate::config::Device::Cpu, None)
             .unwrap()
             .into();
         let (executor, _) = executor(backend, 0);
@@ -293,7 +293,7 @@ mod tests {
     async fn statistics_count_passes_and_queue_time() {
         let backend: Arc<dyn Backend> = ModelSource::parse("builtin://identity")
             .unwrap()
-            .load()
+            .load(crate::config::Device::Cpu, None)
             .unwrap()
             .into();
         let (executor, stats) = executor(backend, 8);

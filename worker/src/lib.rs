@@ -16,6 +16,7 @@ mod http;
 mod lifecycle;
 mod metrics;
 pub mod model;
+pub mod pbtxt;
 mod service;
 pub mod shm;
 pub mod tensor;
@@ -84,6 +85,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         model_id,
         source,
         device,
+        intra_op_threads,
         port,
         admin_port,
         uds,
@@ -153,7 +155,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         "serving; loading the model"
     );
 
-    let load = tokio::task::spawn_blocking(move || source.load());
+    let load = tokio::task::spawn_blocking(move || source.load(device, intra_op_threads));
     let shutdown = async {
         tokio::select! {
             _ = terminate.recv() => "SIGTERM",

@@ -32,8 +32,12 @@ pub struct ModelSignature {
 pub struct ModelDescription {
     /// The model id clients address it by.
     pub name: String,
-    /// Triton's platform string, e.g. `builtin` (later `pytorch_libtorch`).
+    /// Triton's platform string, e.g. `builtin` or `pytorch_libtorch`.
     pub platform: String,
+    /// Triton's `max_batch_size`: above 0, the signature's first dim is the batch dim, which
+    /// the ModelConfig answer leaves out of its dims as Triton's configuration does.
+    pub max_batch_size: u32,
+    /// Full shapes (as ModelMetadata reports them).
     pub signature: ModelSignature,
 }
 
@@ -63,16 +67,22 @@ impl ModelDescription {
         }
     }
 
-    /// The ModelConfig answer, as a Triton `ModelConfig` (no batching until the batcher lands).
+    /// The ModelConfig answer, as a Triton `ModelConfig`.
     pub fn config(&self) -> ModelConfig {
         let data_type = |spec: &TensorSpec| {
             spec.datatype
                 .map_or(ConfigDataType::TypeInvalid, DataType::config_type) as i32
         };
+        let batch_dims = usize::from(self.max_batch_size > 0);
+        let dims = |spec: &TensorSpec| {
+            spec.dims
+                .as_ref()
+                .map_or_else(Vec::new, |dims| dims[batch_dims.min(dims.len())..].to_vec())
+        };
         ModelConfig {
             name: self.name.clone(),
             platform: self.platform.clone(),
-            max_batch_size: 0,
+            max_batch_size: i32::try_from(self.max_batch_size).unwrap_or(i32::MAX),
             input: self
                 .signature
                 .inputs
@@ -80,7 +90,7 @@ impl ModelDescription {
                 .map(|spec| ModelInput {
                     name: spec.name.clone(),
                     data_type: data_type(spec),
-                    dims: spec.dims.clone().unwrap_or_default(),
+                    dims: dims(spec),
                     ..Default::default()
                 })
                 .collect(),
@@ -91,7 +101,7 @@ impl ModelDescription {
                 .map(|spec| ModelOutput {
                     name: spec.name.clone(),
                     data_type: data_type(spec),
-                    dims: spec.dims.clone().unwrap_or_default(),
+                    dims: dims(spec),
                     ..Default::default()
                 })
                 .collect(),
@@ -108,6 +118,7 @@ mod tests {
         ModelDescription {
             name: "m".into(),
             platform: "builtin".into(),
+            max_batch_size: 0,
             signature: ModelSignature {
                 inputs: vec![TensorSpec {
                     name: "INPUT0".into(),
@@ -142,5 +153,17 @@ mod tests {
             config.output[0].data_type,
             ConfigDataType::TypeInvalid as i32
         );
+    }
+
+    #[test]
+    fn batched_config_leaves_the_batch_dim_out_of_dims() {
+        let batched = ModelDescription {
+            max_batch_size: 8,
+            ..description()
+        };
+        assert_eq!(batched.metadata().inputs[0].shape, [-1, 4]);
+        let config = batched.config();
+        assert_eq!(config.max_batch_size, 8);
+        assert_eq!(config.input[0].dims, [4]);
     }
 }

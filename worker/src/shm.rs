@@ -6,7 +6,7 @@
 //!   reuses those mappings (never a mapping per request): `MAP_PRIVATE` for inputs, so a model
 //!   that writes into its input gets private copy-on-write pages and the client's bytes stay as
 //!   they were, and `MAP_SHARED` for outputs, so the one copy out lands in the client's pages.
-//!   Mappings come from `remotemedia_runtime_core::shm::open_region`, so two registrations of
+//!   Mappings come from `remotemedia_runtime_core::shm::open_named_region`, so two registrations of
 //!   one key share them. Backends get the input as `&[u8]` and cannot write into it; one that
 //!   handed the mapping to libtorch with `from_blob` would need more than `MAP_PRIVATE`, because
 //!   a page it wrote would stay the worker's private copy for every later request on that
@@ -30,7 +30,7 @@ use std::{
 use bytes::Bytes;
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use remotemedia_proto::inference::system_shared_memory_status_response::RegionStatus;
-use remotemedia_runtime_core::shm::{Access, Region, ShmError, open_region};
+use remotemedia_runtime_core::shm::{Access, Region, ShmError, open_named_region};
 use tokio::sync::oneshot;
 
 use crate::decode::shown;
@@ -186,7 +186,7 @@ impl SharedMemoryRegistry {
         // glibc's shm_open skips leading slashes; so does the worker.
         let object = key.trim_start_matches('/');
         let open = |access| {
-            open_region(object, access).map_err(|error| match error {
+            open_named_region(object, access).map_err(|error| match error {
                 ShmError::NotFound { .. } => SharedMemoryError::KeyNotFound(quoted.clone()),
                 ShmError::InvalidRegionId { reason, .. } => SharedMemoryError::InvalidKey {
                     name: quoted.clone(),

@@ -100,6 +100,13 @@ impl DataType {
             DataType::Bytes => ConfigDataType::TypeString,
         }
     }
+
+    /// The datatype a model configuration's `TYPE_*` names; `None` for `TYPE_INVALID`.
+    pub fn from_config_type(config_type: ConfigDataType) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|datatype| datatype.config_type() == config_type)
+    }
 }
 
 impl fmt::Display for DataType {
@@ -139,5 +146,19 @@ mod tests {
         }
         assert_eq!(DataType::from_name("fp32"), None);
         assert_eq!(DataType::from_name("FLOAT32"), None);
+    }
+
+    #[test]
+    fn every_config_type_maps_back_to_its_datatype() {
+        for datatype in DataType::ALL {
+            assert_eq!(
+                DataType::from_config_type(datatype.config_type()),
+                Some(datatype)
+            );
+        }
+        assert_eq!(
+            DataType::from_config_type(ConfigDataType::TypeInvalid),
+            None
+        );
     }
 }

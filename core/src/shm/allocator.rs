@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::ShmError;
+use super::broker::BrokerClient;
 use super::cleanup::cleanup_dead_regions;
+use super::mapping::Access;
 use super::region::Region;
 use crate::tensor::TensorBuffer;
 
@@ -64,6 +66,11 @@ pub struct AllocatorStats {
 /// Each tensor is its own region, so it starts at offset 0 of the id it hands out. A freed
 /// tensor's region goes back to the pool, with its pages returned to the system, unless a reader
 /// still maps it, in which case it is unlinked and its memory goes when the last reader unmaps.
+///
+/// With `REMOTEMEDIA_SIDECAR` set, regions come from the node broker, charged there to this
+/// process's session and to the tensor's session label. Brokered regions are not pooled: only
+/// the broker knows whether another process still holds one, so a freed tensor's region is
+/// released to it.
 #[derive(Clone, Debug)]
 pub struct SharedMemoryAllocator {
     inner: Arc<Inner>,
@@ -123,10 +130,14 @@ impl SharedMemoryAllocator {
         };
         let region = match self.inner.take_pooled(class) {
             Some(region) => region,
-            None => match Region::create_named(class) {
+            None => match create_region(class, session) {
                 Ok(region) => {
                     self.inner.regions_created.fetch_add(1, Ordering::Relaxed);
                     region
+                }
+                // A refusal by the broker (its quotas, its node cap) is an answer, not an outage.
+                Err(ShmError::Broker(error)) if error.code().is_some() => {
+                    return Err(error.into());
                 }
                 Err(error) => {
                     drop(lease);
@@ -288,6 +299,18 @@ impl Inner {
         };
         drop(books);
         drop(surplus);
+    }
+}
+
+/// A fresh region from this process's backend: the node broker when `REMOTEMEDIA_SIDECAR` is
+/// set (charged there to this session and to `session` as its label), a named region otherwise.
+fn create_region(class: NonZeroUsize, session: Option<&str>) -> Result<Region, ShmError> {
+    match BrokerClient::from_env()? {
+        Some(client) => {
+            let handle = client.allocate(class.get() as u64, session.unwrap_or(""))?;
+            Region::from_handle(handle, Access::Shared)
+        }
+        None => Region::create_named(class),
     }
 }
 

@@ -1,11 +1,14 @@
 //! Shared-memory regions and the allocator that hands them out as tensors.
 //!
 //! A region is a descriptor of known size mapped into each process that uses it; tensors are
-//! `(region, offset, length)`. This module implements the standalone *named* backend: POSIX
-//! shared memory (`shm_open`) under names that start with [`REGION_PREFIX`], which is how two
-//! processes on one machine exchange a tensor by handing over its region id. [`Mapping`] knows
-//! nothing about names, so the brokered backend (`memfd` descriptors received over the node
-//! broker's socket) maps through the same type.
+//! `(region, offset, length)`. Two backends sit behind one API, chosen by the environment:
+//! - *brokered*, when `REMOTEMEDIA_SIDECAR` is set: sealed `memfd`s created by the node sidecar
+//!   and passed over its socket ([`broker`]); region ids are the broker's 128-bit capabilities;
+//! - *named* otherwise: POSIX shared memory (`shm_open`) under names that start with
+//!   [`REGION_PREFIX`], which is how two processes on one machine exchange a tensor by handing
+//!   over its region id.
+//!
+//! [`Mapping`] knows nothing about either; both map through it.
 //!
 //! Who holds a named region, and how others find out:
 //! - the owner (the allocator that created it) holds a shared `flock` on it for as long as it
@@ -15,6 +18,7 @@
 //!   tell whether anyone still maps a region before it recycles it.
 
 mod allocator;
+pub mod broker;
 mod cleanup;
 mod mapping;
 mod region;
@@ -25,10 +29,11 @@ pub(crate) use allocator::Lease;
 pub use allocator::{AllocatorConfig, AllocatorStats, SharedMemoryAllocator};
 pub use cleanup::{CleanupReport, cleanup_dead_regions};
 pub use mapping::{Access, Mapping};
-pub use region::{REGION_PREFIX, Region, open_region};
+pub use region::{REGION_PREFIX, Region, open_named_region, open_region};
 
 /// The string another process needs to open a region: the POSIX shared-memory name without
-/// its leading slash, e.g. `remotemedia-4242-9f86d081884c7d65`.
+/// its leading slash, e.g. `remotemedia-4242-9f86d081884c7d65`, or for a brokered region its
+/// 32-hex-digit id.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct RegionId(String);
 
@@ -112,6 +117,8 @@ pub enum ShmError {
     NameCollision { attempts: u32 },
     #[error("failed to draw a random region name")]
     Random(#[source] getrandom::Error),
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
     #[error("failed to list shared-memory regions in {dir}")]
     ListRegions {
         dir: &'static str,

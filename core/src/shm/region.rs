@@ -11,6 +11,7 @@ use nix::sys::mman::{shm_open, shm_unlink};
 use nix::sys::stat::{Mode, fstat};
 use nix::unistd::ftruncate;
 
+use super::broker::{BrokerClient, RegionHandle, RegionKey};
 use super::mapping::{Access, Mapping};
 use super::{RegionId, ShmError};
 
@@ -20,16 +21,17 @@ pub const REGION_PREFIX: &str = "remotemedia-";
 
 /// Longest shm name Linux accepts (NAME_MAX, without the leading slash).
 const MAX_NAME_LEN: usize = 255;
-/// How many random names to try before giving up on `O_EXCL` collisions or cleanup races.
-const CREATE_ATTEMPTS: u32 = 8;
+/// How many random names to try before giving up on `O_EXCL` collisions or cleanup races. A
+/// creator descheduled between `shm_open` and its lock loses its name to any cleanup that scans
+/// meanwhile; on a loaded machine with cleanups in a tight loop (the cleanup-race test) that
+/// happened 8 times in a row, so the bound is generous.
+const CREATE_ATTEMPTS: u32 = 64;
 
 /// A mapped region. Owners unlink the name when the region is dropped; readers only unmap.
 #[derive(Debug)]
 pub struct Region {
     id: RegionId,
     access: Access,
-    /// Device and inode of the object: tells this region from a later one under the same name.
-    identity: Identity,
     // Field order matters: the mapping is unmapped before the descriptor (and its lock) goes.
     mapping: Mapping,
     holder: Holder,
@@ -44,6 +46,8 @@ enum Holder {
     Owner(Flock<OwnedFd>),
     /// Someone who opened the region by id, holding a read lock on byte 0 (see `reader_lock`).
     Reader(OwnedFd),
+    /// A brokered region: this process's hold at the node broker, released on drop.
+    Brokered(Arc<RegionHandle>),
 }
 
 impl Region {
@@ -82,7 +86,6 @@ impl Region {
             return Ok(Self {
                 id,
                 access: Access::Shared,
-                identity: identity(&stat),
                 mapping,
                 holder: Holder::Owner(lock),
             });
@@ -122,13 +125,46 @@ impl Region {
         Ok(Self {
             id,
             access,
-            identity: identity(stat),
             mapping,
             holder: Holder::Reader(fd),
         })
     }
 
-    /// The id another process passes to [`Region::open_named`].
+    /// Opens a region by id through this process's backend: the node broker when
+    /// `REMOTEMEDIA_SIDECAR` is set, POSIX shared memory by name otherwise.
+    pub fn open(id: &str, access: Access) -> Result<Self, ShmError> {
+        match BrokerClient::from_env()? {
+            Some(client) => {
+                let key = RegionKey::parse_hex(id).ok_or_else(|| ShmError::InvalidRegionId {
+                    id: id.chars().take(64).collect(),
+                    reason: "a brokered region id is 32 hex digits",
+                })?;
+                Self::from_handle(client.open(key)?, access)
+            }
+            None => Self::open_named(id, access),
+        }
+    }
+
+    /// Maps a brokered region whose handle this process holds.
+    pub fn from_handle(handle: Arc<RegionHandle>, access: Access) -> Result<Self, ShmError> {
+        let len = usize::try_from(handle.size().get())
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or(ShmError::TooLarge {
+                requested: usize::MAX,
+            })?;
+        // Errors name the backend, not the id: a brokered id is a capability, kept out of logs.
+        let mapping = Mapping::map(handle.fd(), len, access)
+            .map_err(|e| os("map", &RegionId("(brokered)".into()), e))?;
+        Ok(Self {
+            id: RegionId(handle.key().to_hex()),
+            access,
+            mapping,
+            holder: Holder::Brokered(handle),
+        })
+    }
+
+    /// The id another process passes to [`Region::open`].
     pub fn id(&self) -> &RegionId {
         &self.id
     }
@@ -171,6 +207,11 @@ impl Region {
 
     /// Whether any reader (in any process, this one included) still has the region open.
     pub(crate) fn has_readers(&self) -> Result<bool, ShmError> {
+        // Who else holds a brokered region is known only to the broker: assume someone does, so
+        // the allocator gives it back (Release) instead of pooling it.
+        if matches!(self.holder, Holder::Brokered(_)) {
+            return Ok(true);
+        }
         let mut probe = reader_lock(libc_lock_type::WRITE);
         fcntl(self.fd(), FcntlArg::F_OFD_GETLK(&mut probe))
             .map_err(|e| os("probe readers of", &self.id, e))?;
@@ -194,6 +235,7 @@ impl Region {
         match &self.holder {
             Holder::Owner(lock) => lock.as_fd(),
             Holder::Reader(fd) => fd.as_fd(),
+            Holder::Brokered(handle) => handle.fd(),
         }
     }
 }
@@ -215,26 +257,44 @@ impl Drop for Region {
 /// every other call gets the same mapping (mapping a large region and faulting its pages in
 /// costs milliseconds; readers such as the model worker see the same region on every request).
 /// The mapping goes when the last holder drops it.
-///
-/// Each call still opens the name, so a name that was unlinked is `NotFound` even while a
-/// mapping of it is cached, and a name that now belongs to a new object maps that object, never
-/// the stale one.
 pub fn open_region(id: &str, access: Access) -> Result<Arc<Region>, ShmError> {
     type Cache = HashMap<(String, Access), Weak<Region>>;
     static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Default::default);
-    let (region_id, fd, stat) = open_object(id, access)?;
     let key = (id.to_owned(), access);
     // A poisoned cache only means another thread panicked between two map operations; the map
     // itself is always consistent.
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(region) = cache.get(&key).and_then(Weak::upgrade)
-        && region.identity == identity(&stat)
+    if let Some(region) = cache.get(&key).and_then(Weak::upgrade) {
+        return Ok(region);
+    }
+    let region = Arc::new(Region::open(id, access)?);
+    cache.retain(|_, weak| weak.strong_count() > 0);
+    cache.insert(key, Arc::downgrade(&region));
+    Ok(region)
+}
+
+/// Like [`open_region`], for POSIX shared memory by name only (never the broker), and for any
+/// valid name, not only ours: the model worker maps the keys Triton-style clients register.
+///
+/// Each call still opens the name, so a name that was unlinked is `NotFound` even while a
+/// mapping of it is cached, and a name that now belongs to a new object maps that object, never
+/// the stale one.
+pub fn open_named_region(id: &str, access: Access) -> Result<Arc<Region>, ShmError> {
+    type Cache = HashMap<(String, Access), (Weak<Region>, Identity)>;
+    static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Default::default);
+    let (region_id, fd, stat) = open_object(id, access)?;
+    let key = (id.to_owned(), access);
+    // Poisoning: as in `open_region`.
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((weak, cached)) = cache.get(&key)
+        && *cached == identity(&stat)
+        && let Some(region) = weak.upgrade()
     {
         return Ok(region);
     }
     let region = Arc::new(Region::map_opened(region_id, fd, &stat, access)?);
-    cache.retain(|_, weak| weak.strong_count() > 0);
-    cache.insert(key, Arc::downgrade(&region));
+    cache.retain(|_, (weak, _)| weak.strong_count() > 0);
+    cache.insert(key, (Arc::downgrade(&region), identity(&stat)));
     Ok(region)
 }
 
@@ -424,13 +484,13 @@ mod tests {
     }
 
     #[test]
-    fn open_region_refuses_an_unlinked_name_and_maps_a_new_object_under_an_old_name() {
+    fn open_named_region_refuses_an_unlinked_name_and_maps_a_new_object_under_an_old_name() {
         let owner = Region::create_named(one_mib()).unwrap();
         let id = owner.id().to_string();
-        let cached = open_region(&id, Access::Private).unwrap();
+        let cached = open_named_region(&id, Access::Private).unwrap();
         drop(owner);
         assert!(matches!(
-            open_region(&id, Access::Private),
+            open_named_region(&id, Access::Private),
             Err(ShmError::NotFound { .. })
         ));
         // The holder keeps its bytes; a new object under the same name is not the cached one.
@@ -443,7 +503,7 @@ mod tests {
         )
         .unwrap();
         ftruncate(&fd, 4096).unwrap();
-        let fresh = open_region(&id, Access::Private);
+        let fresh = open_named_region(&id, Access::Private);
         shm_unlink(path.as_str()).unwrap();
         let fresh = fresh.unwrap();
         assert_eq!(fresh.len(), 4096);

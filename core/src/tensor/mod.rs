@@ -103,7 +103,7 @@ impl TensorBuffer {
         dtype: DataType,
     ) -> Result<Self, TensorError> {
         check_size(&shape, dtype, size)?;
-        let region = Region::open_named(region_id, Access::Shared)?;
+        let region = Region::open(region_id, Access::Shared)?;
         check_slice(offset, size, region.len())?;
         Self::new(
             TensorStorage::mapped(region, offset, size),

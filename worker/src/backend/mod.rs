@@ -1,13 +1,21 @@
 //! Backends: what runs a model's forward pass. The server only knows [`Backend`]; the built-in
-//! models live in [`builtin`], and a TorchScript backend joins as another implementation.
+//! models live in [`builtin`], TorchScript models in [`torchscript`] (configuration) and
+//! `libtorch` (execution, with the `torch` feature).
 
 mod builtin;
+#[cfg(feature = "torch")]
+mod libtorch;
+pub mod torchscript;
 
 use std::path::PathBuf;
 
 pub use builtin::{Builtin, BuiltinKind};
+#[cfg(feature = "torch")]
+pub use libtorch::cuda_device_count;
+pub use torchscript::TorchScript;
 
 use crate::{
+    config::Device,
     model::{ModelDescription, ModelSignature},
     tensor::{DataType, OutputTensor, TensorView},
 };
@@ -37,6 +45,10 @@ pub enum BackendError {
 /// Why a model could not be loaded or warmed up.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
+    #[error("failed to load the model file {path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("failed to load the model: {0}")]
+    Unsupported(String),
     #[error("failed to warm up the model")]
     Warmup(#[source] BackendError),
 }
@@ -45,17 +57,25 @@ pub enum LoadError {
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
     Builtin(Builtin),
+    #[cfg(feature = "torch")]
+    TorchScript(TorchScript),
 }
 
 /// Why `--model-path` cannot be served.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SourceError {
-    #[error("model file {0} does not exist")]
+    #[error("model file {0} does not exist or is not a file")]
     Missing(PathBuf),
     #[error(
-        "model file {0} cannot be served: this build has no TorchScript backend yet; use builtin://identity or builtin://checksum"
+        "model file {0} cannot be served: this build has no TorchScript backend (build with --features torch); use builtin://identity or builtin://checksum"
     )]
     TorchScriptUnsupported(PathBuf),
+    #[error(
+        "model file {0} has no config.pbtxt beside it: TorchScript carries no input signature, so the model's inputs and outputs must be declared there"
+    )]
+    MissingConfig(PathBuf),
+    #[error("invalid model configuration {path}: {reason}")]
+    Config { path: PathBuf, reason: String },
     #[error("unknown built-in model '{0}': expected builtin://identity or builtin://checksum")]
     UnknownBuiltin(String),
     #[error(
@@ -79,16 +99,28 @@ impl ModelSource {
             return Builtin::parse(rest).map(ModelSource::Builtin);
         }
         let path = PathBuf::from(path);
-        if !path.exists() {
+        if !path.is_file() {
             return Err(SourceError::Missing(path));
         }
+        Self::torchscript(path)
+    }
+
+    #[cfg(feature = "torch")]
+    fn torchscript(path: PathBuf) -> Result<Self, SourceError> {
+        TorchScript::open(&path).map(ModelSource::TorchScript)
+    }
+
+    #[cfg(not(feature = "torch"))]
+    fn torchscript(path: PathBuf) -> Result<Self, SourceError> {
         Err(SourceError::TorchScriptUnsupported(path))
     }
 
     /// The name the model is served under when `--model-id` is not given.
-    pub fn default_model_id(&self) -> &'static str {
+    pub fn default_model_id(&self) -> &str {
         match self {
             ModelSource::Builtin(builtin) => builtin.kind.name(),
+            #[cfg(feature = "torch")]
+            ModelSource::TorchScript(model) => &model.name,
         }
     }
 
@@ -98,17 +130,42 @@ impl ModelSource {
             ModelSource::Builtin(builtin) => ModelDescription {
                 name: model_id.to_owned(),
                 platform: "builtin".to_owned(),
+                max_batch_size: 0,
                 signature: builtin.signature(),
+            },
+            #[cfg(feature = "torch")]
+            ModelSource::TorchScript(model) => ModelDescription {
+                name: model_id.to_owned(),
+                platform: torchscript::PLATFORM.to_owned(),
+                max_batch_size: model.max_batch_size,
+                signature: model.signature.clone(),
             },
         }
     }
 
-    /// Loads the model and runs one warm-up pass, blocking the calling thread.
-    pub fn load(&self) -> Result<Box<dyn Backend>, LoadError> {
+    /// Loads the model on `device` and runs one warm-up pass, blocking the calling thread.
+    /// `intra_op_threads` sizes libtorch's intra-op thread pool; built-ins have none.
+    #[cfg_attr(not(feature = "torch"), allow(unused_variables))]
+    pub fn load(
+        &self,
+        device: Device,
+        intra_op_threads: Option<usize>,
+    ) -> Result<Box<dyn Backend>, LoadError> {
         let (backend, signature): (Box<dyn Backend>, ModelSignature) = match self {
             ModelSource::Builtin(builtin) => {
                 std::thread::sleep(builtin.load_delay);
                 (Box::new(builtin.clone()), builtin.signature())
+            }
+            #[cfg(feature = "torch")]
+            ModelSource::TorchScript(model) => {
+                if !model.ignored_fields.is_empty() {
+                    tracing::info!(
+                        fields = ?model.ignored_fields,
+                        "config.pbtxt sets Triton fields this worker accepts but does not act on"
+                    );
+                }
+                let backend = libtorch::load(model, device, intra_op_threads)?;
+                (Box::new(backend), model.signature.clone())
             }
         };
         warm_up(backend.as_ref(), &signature)?;
@@ -163,12 +220,28 @@ mod tests {
         assert_eq!(error, SourceError::Missing("/nonexistent/model.pt".into()));
     }
 
+    #[cfg(not(feature = "torch"))]
     #[test]
-    fn existing_model_file_is_refused_until_torchscript_lands() {
+    fn model_file_is_refused_without_the_torch_feature() {
         let file = tempfile::NamedTempFile::new().unwrap();
         let error = ModelSource::parse(file.path().to_str().unwrap()).unwrap_err();
         assert!(matches!(error, SourceError::TorchScriptUnsupported(_)));
         assert!(error.to_string().contains("no TorchScript backend"));
+    }
+
+    #[cfg(feature = "torch")]
+    #[test]
+    fn model_file_without_config_is_refused() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let error = ModelSource::parse(file.path().to_str().unwrap()).unwrap_err();
+        assert!(matches!(error, SourceError::MissingConfig(_)), "{error}");
+    }
+
+    #[test]
+    fn directory_is_not_a_model_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = ModelSource::parse(dir.path().to_str().unwrap()).unwrap_err();
+        assert!(matches!(error, SourceError::Missing(_)), "{error}");
     }
 
     #[test]
@@ -178,7 +251,7 @@ mod tests {
             "builtin://checksum?datatype=FP64&shape=-1,3",
         ] {
             let source = ModelSource::parse(path).unwrap();
-            source.load().unwrap();
+            source.load(Device::Cpu, None).unwrap();
         }
     }
 }

@@ -1,9 +1,13 @@
 //! Integration tests: the real `remotemedia-model-worker` binary as a process, driven over TCP,
 //! a Unix socket and plain HTTP. One test binary (its modules below) keeps linking cheap.
 
+#[cfg(feature = "torch")]
+mod cases;
 mod errors;
 mod lifecycle;
 mod load;
 mod rpcs;
 mod startup;
 mod support;
+#[cfg(feature = "torch")]
+mod torchscript;

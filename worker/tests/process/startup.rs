@@ -77,8 +77,9 @@ fn cuda_device_the_machine_lacks_is_refused() {
     );
 }
 
+#[cfg(not(feature = "torch"))]
 #[test]
-fn model_file_is_refused_until_torchscript_is_built() {
+fn model_file_is_refused_without_the_torch_feature() {
     let file = tempfile::NamedTempFile::new().unwrap();
     assert_refused(
         &["--model-path", file.path().to_str().unwrap()],

@@ -148,6 +148,14 @@ impl Worker {
         }
     }
 
+    /// Threads the process runs now, from `/proc/<pid>/task`.
+    #[cfg(feature = "torch")]
+    pub fn threads(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/task", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
     }

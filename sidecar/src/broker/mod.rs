@@ -1,0 +1,7 @@
+//! The node broker: sealed memfd regions for the pods on this node, over `broker.sock`.
+
+mod books;
+mod server;
+
+pub use books::{Books, Grant, InFlight, LabelSummary, Limits, NodeTotals, SessionId, Ticket};
+pub use server::serve;

@@ -1,0 +1,166 @@
+//! Flags (each with its `REMOTEMEDIA_SIDECAR_*` twin), their defaults, and validation into a
+//! [`Config`] before anything is bound.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::broker::Limits;
+use crate::budget::{self, BudgetError, DEFAULT_HEADROOM_BYTES};
+
+/// Defaults, as typed constants (DESIGN §3).
+pub mod defaults {
+    pub const SOCKET_DIR: &str = "/run/remotemedia";
+    pub const ADMIN_PORT: u16 = 9091;
+    pub const MAX_SHM_BYTES: u64 = 1 << 30;
+    pub const SESSION_QUOTA_BYTES: u64 = 512 << 20;
+    pub const LABEL_QUOTA_BYTES: u64 = 256 << 20;
+    pub const MAX_REGIONS_PER_SESSION: usize = 1024;
+}
+
+/// The node agent: brokers shared-memory regions for the pods on this node.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "remotemedia-sidecar", version, about)]
+pub struct Args {
+    /// Directory holding `broker.sock` (shared with pods by a hostPath mount).
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_SOCKET_DIR", default_value = defaults::SOCKET_DIR)]
+    pub socket_dir: PathBuf,
+    /// Port of `/healthz`, `/readyz`, `/metrics` and `/debug/sessions` (0: any free port).
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_ADMIN_PORT", default_value_t = defaults::ADMIN_PORT)]
+    pub admin_port: u16,
+    /// Address the admin port binds to.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_ADMIN_ADDRESS", default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
+    pub admin_address: IpAddr,
+    /// Most bytes of brokered regions alive on the node; must fit under the container memory
+    /// limit minus the headroom.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_MAX_SHM_BYTES", default_value_t = defaults::MAX_SHM_BYTES)]
+    pub max_shm_bytes: u64,
+    /// Most bytes one broker session may allocate.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_SESSION_QUOTA_BYTES", default_value_t = defaults::SESSION_QUOTA_BYTES)]
+    pub session_quota_bytes: u64,
+    /// Most bytes one allocation label within a session may allocate.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_LABEL_QUOTA_BYTES", default_value_t = defaults::LABEL_QUOTA_BYTES)]
+    pub label_quota_bytes: u64,
+    /// Most regions one session may hold at once.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_MAX_REGIONS_PER_SESSION", default_value_t = defaults::MAX_REGIONS_PER_SESSION)]
+    pub max_regions_per_session: usize,
+    /// The container's memory limit in bytes (the chart sets it from the downward API). When
+    /// absent, the limit of this process's memory cgroup is used.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_MEMORY_LIMIT_BYTES")]
+    pub memory_limit_bytes: Option<u64>,
+    /// Memory kept for the sidecar itself on top of `--max-shm-bytes`.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_MEMORY_HEADROOM_BYTES", default_value_t = DEFAULT_HEADROOM_BYTES)]
+    pub memory_headroom_bytes: u64,
+}
+
+/// A validated configuration; `run` takes it apart field by field.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub socket_dir: PathBuf,
+    pub admin_address: IpAddr,
+    pub admin_port: u16,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Budget(#[from] BudgetError),
+    #[error("failed to start: {flag} must be greater than zero")]
+    Zero { flag: &'static str },
+    #[error("failed to start: --socket-dir {} is not an absolute path", .0.display())]
+    RelativeSocketDir(PathBuf),
+}
+
+impl Args {
+    /// Checks every flag, and the memory budget against the container limit.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let Self {
+            socket_dir,
+            admin_port,
+            admin_address,
+            max_shm_bytes,
+            session_quota_bytes,
+            label_quota_bytes,
+            max_regions_per_session,
+            memory_limit_bytes,
+            memory_headroom_bytes,
+        } = self;
+        for (flag, value) in [
+            ("--max-shm-bytes", max_shm_bytes),
+            ("--session-quota-bytes", session_quota_bytes),
+            ("--label-quota-bytes", label_quota_bytes),
+            ("--max-regions-per-session", max_regions_per_session as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { flag });
+            }
+        }
+        if !socket_dir.is_absolute() {
+            return Err(ConfigError::RelativeSocketDir(socket_dir));
+        }
+        let limit = memory_limit_bytes.or_else(budget::cgroup_limit);
+        budget::check(max_shm_bytes, memory_headroom_bytes, limit)?;
+        Ok(Config {
+            socket_dir,
+            admin_address,
+            admin_port,
+            limits: Limits {
+                max_shm_bytes,
+                session_quota_bytes,
+                label_quota_bytes,
+                max_regions_per_session,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, ConfigError> {
+        let argv = ["remotemedia-sidecar", "--memory-limit-bytes", "4294967296"];
+        Args::try_parse_from(argv.iter().chain(args))
+            .unwrap()
+            .validate()
+    }
+
+    #[test]
+    fn defaults_follow_the_design_table() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.socket_dir, PathBuf::from("/run/remotemedia"));
+        assert_eq!(config.admin_port, 9091);
+        assert_eq!(config.limits.max_shm_bytes, 1 << 30);
+    }
+
+    #[test]
+    fn zero_limits_and_relative_socket_dirs_are_refused() {
+        assert!(matches!(
+            parse(&["--label-quota-bytes", "0"]),
+            Err(ConfigError::Zero {
+                flag: "--label-quota-bytes"
+            })
+        ));
+        assert!(matches!(
+            parse(&["--socket-dir", "run/rm"]),
+            Err(ConfigError::RelativeSocketDir(_))
+        ));
+    }
+
+    #[test]
+    fn a_budget_that_does_not_fit_the_given_limit_is_refused() {
+        let error = parse(&["--max-shm-bytes", "4026531841"]).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("does not fit under the container memory limit of 4294967296 bytes"),
+            "{error}"
+        );
+        assert!(
+            parse(&["--max-shm-bytes", "4026531840"]).is_ok(),
+            "exactly fits"
+        );
+    }
+}

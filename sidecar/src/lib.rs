@@ -1,0 +1,158 @@
+//! `remotemedia-sidecar`: the per-node agent. Today it runs one service, the shared-memory
+//! broker on `<socket-dir>/broker.sock` ([`broker`]), plus the admin port; the inference router
+//! joins `run` as a second service.
+
+pub mod admin;
+pub mod broker;
+pub mod budget;
+pub mod config;
+pub mod metrics;
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use config::{Args, Config, ConfigError};
+use remotemedia_runtime_core::shm::broker::{BROKER_SOCKET, socket};
+
+/// Why the sidecar stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("failed to prepare socket directory {}", path.display())]
+    SocketDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to bind {}", path.display())]
+    BindBroker {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to bind the admin port {addr}")]
+    BindAdmin {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("failed to serve")]
+    Serve(#[source] io::Error),
+}
+
+/// Binds everything, then serves until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), SidecarError> {
+    let Config {
+        socket_dir,
+        admin_address,
+        admin_port,
+        limits,
+    } = config;
+    raise_descriptor_limit();
+    let broker_path = socket_dir.join(BROKER_SOCKET);
+    let listener = bind_broker(&socket_dir, &broker_path)?;
+    let admin_addr = SocketAddr::new(admin_address, admin_port);
+    let admin = tokio::net::TcpListener::bind(admin_addr)
+        .await
+        .map_err(|source| SidecarError::BindAdmin {
+            addr: admin_addr,
+            source,
+        })?;
+    let admin_addr = admin.local_addr().map_err(SidecarError::Serve)?;
+    tracing::info!(
+        socket = %broker_path.display(),
+        admin = %admin_addr,
+        max_shm_bytes = limits.max_shm_bytes,
+        "sidecar serving"
+    );
+
+    let books = Arc::new(broker::Books::new(limits));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let broker = tokio::spawn(broker::serve(listener, books.clone(), metrics.clone()));
+    let admin = tokio::spawn(async move {
+        axum::serve(admin, admin::router(books, metrics).into_make_service()).await
+    });
+    tokio::select! {
+        result = broker => flatten(result)?,
+        result = admin => flatten(result)?,
+        () = shutdown_signal() => tracing::info!("shutting down"),
+    }
+    // Clients reconnect to the next sidecar at this path; a stale socket file would refuse them.
+    let _ = std::fs::remove_file(&broker_path);
+    Ok(())
+}
+
+fn flatten(result: Result<io::Result<()>, tokio::task::JoinError>) -> Result<(), SidecarError> {
+    result
+        .map_err(|join| SidecarError::Serve(io::Error::other(join)))?
+        .map_err(SidecarError::Serve)
+}
+
+/// Creates the socket directory and binds `broker.sock`, replacing a stale socket left by a
+/// previous sidecar (never any other kind of file).
+fn bind_broker(dir: &Path, path: &Path) -> Result<std::os::fd::OwnedFd, SidecarError> {
+    let dir_error = |source| SidecarError::SocketDir {
+        path: dir.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(dir_error)?;
+    let bind_error = |source| SidecarError::BindBroker {
+        path: path.to_owned(),
+        source,
+    };
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(path).map_err(bind_error)?
+        }
+        Ok(_) => {
+            return Err(bind_error(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+        Err(error) => return Err(bind_error(error)),
+    }
+    let listener = socket::listen(path, 128).map_err(bind_error)?;
+    // Any pod that mounts the directory is meant to be a client: access to a region is decided
+    // by its id (a capability), not by file permissions, and pods run as arbitrary users.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Every live region is a descriptor in the sidecar, and every client a socket: the usual soft
+/// limit of 1024 would refuse regions long before memory runs out, so take the hard limit.
+fn raise_descriptor_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(limit = ?limit.maximum, "raised the descriptor limit"),
+        Err(error) => tracing::warn!(%error, "failed to raise the descriptor limit"),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
