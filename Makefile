@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv python-sdk fmt bench fuzz models gpu-check cluster-up cluster-down e2e
+.PHONY: help setup demo test venv python-sdk fmt bench fuzz models gpu-check crds cluster-up cluster-down e2e
 
 help: ## List the recipes
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -33,6 +33,10 @@ gpu-check: ## Build the worker and a folder (target/gpu-check) that checks it on
 
 fmt: ## Format the Rust code
 	cargo fmt --all
+
+crds: ## Regenerate crds/modelworker.yaml from the Rust types in crds/src
+	cargo run --locked -q -p remotemedia-crds --example crdgen > crds/modelworker.yaml.tmp
+	mv crds/modelworker.yaml.tmp crds/modelworker.yaml
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)

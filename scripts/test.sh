@@ -51,6 +51,10 @@ echo "=== clippy"
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 # The worker without libtorch, as a plain `cargo build` makes it.
 cargo clippy -p remotemedia-model-worker --all-targets --locked -- -D warnings
+echo "=== generated files"
+make -s crds
+git diff --exit-code -- crds/modelworker.yaml ||
+  { echo "failed: crds/modelworker.yaml differs from crds/src: run \`make crds\` and commit it" >&2; exit 1; }
 
 run_tier unit cargo test --workspace --locked "${features[@]}" --lib --bins
 # Examples are programs written against the crates' public API only; each asserts what it shows.
