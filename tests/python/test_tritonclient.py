@@ -23,7 +23,7 @@ def test_health_and_metadata_rpcs_answer(identity):
 
     server = client.get_server_metadata(as_json=True)
     assert server["name"] == "remotemedia-model-worker"
-    assert server["extensions"] == ["model_configuration", "statistics"]
+    assert server["extensions"] == ["model_configuration", "statistics", "system_shared_memory"]
 
     model = client.get_model_metadata("identity", as_json=True)
     assert model["name"] == "identity"
@@ -106,13 +106,6 @@ def test_bad_requests_get_their_code_and_the_worker_keeps_serving(typed_identity
     good = np.ones((3, 4), dtype=np.float32)
     result = client.infer("typed", [infer_input("INPUT0", good, "FP32")])
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), good)
-
-
-def test_shared_memory_registration_is_not_offered_yet(identity):
-    client = grpcclient.InferenceServerClient(identity.url)
-    with pytest.raises(InferenceServerException) as refused:
-        client.register_system_shared_memory("region", "/key", 64)
-    assert refused.value.status() == "StatusCode.UNIMPLEMENTED"
 
 
 def test_rpcs_outside_our_subset_are_unimplemented(identity):

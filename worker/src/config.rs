@@ -69,6 +69,18 @@ pub struct Config {
     #[arg(long, env = "REMOTEMEDIA_WORKER_DRAIN_TIMEOUT", default_value_t = defaults::DRAIN_TIMEOUT.into())]
     pub drain_timeout: humantime::Duration,
 
+    /// Serve Triton's system shared memory: clients sharing this worker's IPC namespace register
+    /// POSIX shared-memory objects by key and pass tensors through them (`false` turns it off)
+    #[arg(
+        long,
+        env = "REMOTEMEDIA_WORKER_ALLOW_NAMED_SHM",
+        default_value_t = defaults::ALLOW_NAMED_SHM,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_named_shm: bool,
+
     /// File a fatal start-up error is written to, for Kubernetes' termination message
     #[arg(long, env = "REMOTEMEDIA_WORKER_TERMINATION_LOG", default_value = defaults::TERMINATION_LOG)]
     pub termination_log: PathBuf,
@@ -122,6 +134,7 @@ pub struct Settings {
     pub max_message_bytes: usize,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
+    pub allow_named_shm: bool,
 }
 
 /// Bad configuration: the worker refuses to start.
@@ -175,6 +188,7 @@ impl Config {
             max_message_bytes,
             drain_delay,
             drain_timeout,
+            allow_named_shm,
             termination_log: _,
         } = self;
         // The device first: a model that cannot run on it is beside the point.
@@ -218,6 +232,7 @@ impl Config {
             max_message_bytes,
             drain_delay: drain_delay.into(),
             drain_timeout: drain_timeout.into(),
+            allow_named_shm,
         })
     }
 }
@@ -289,6 +304,18 @@ mod tests {
         assert_eq!(settings.device, Device::Cpu);
         assert_eq!(settings.max_concurrency, 100);
         assert_eq!(settings.drain_delay, Duration::from_secs(5));
+        assert!(settings.allow_named_shm);
+    }
+
+    #[test]
+    fn named_shared_memory_can_be_turned_off() {
+        let base = ["--model-path", "builtin://identity", "--allow-named-shm"];
+        for (value, expected) in [(Some("false"), false), (Some("true"), true), (None, true)] {
+            let mut args = base.to_vec();
+            args.extend(value);
+            let settings = config(&args).validate().unwrap();
+            assert_eq!(settings.allow_named_shm, expected, "{value:?}");
+        }
     }
 
     #[test]

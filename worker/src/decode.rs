@@ -5,28 +5,32 @@
 //! arithmetic, so a tensor claiming 2 GiB backed by 16 bytes is refused without allocating), raw
 //! versus typed `contents`, the number of raw entries, unknown or repeated inputs and outputs.
 //! Raw tensor bytes stay the `Bytes` slices of the received message; typed `contents` are packed
-//! into little-endian bytes once. The module holds no server state so the sidecar can reuse it.
+//! into little-endian bytes once; tensors in shared memory (Triton's `shared_memory_*`
+//! parameters) are resolved through the [`SharedMemoryRegistry`] passed in, read in place. The
+//! module holds no server state so the sidecar can reuse it.
 
 use std::collections::HashSet;
 
 use bytes::Bytes;
 use remotemedia_proto::inference::{
     InferParameter, InferTensorContents, ModelInferRequest,
+    infer_parameter::ParameterChoice,
     model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
 };
 use std::collections::HashMap;
 
 use crate::{
     model::{ModelSignature, TensorSpec},
+    shm::{OutputSlot, SharedMemoryError, SharedMemoryRef, SharedMemoryRegistry},
     tensor::{DataType, TensorView},
 };
 
 /// Parameters that place a tensor in shared memory (Triton's system-shared-memory extension).
-const SHARED_MEMORY_PARAMETERS: [&str; 3] = [
-    "shared_memory_region",
-    "shared_memory_offset",
-    "shared_memory_byte_size",
-];
+const REGION_PARAMETER: &str = "shared_memory_region";
+const OFFSET_PARAMETER: &str = "shared_memory_offset";
+const BYTE_SIZE_PARAMETER: &str = "shared_memory_byte_size";
+const SHARED_MEMORY_PARAMETERS: [&str; 3] =
+    [REGION_PARAMETER, OFFSET_PARAMETER, BYTE_SIZE_PARAMETER];
 
 /// Longest client-supplied name echoed back in an error, so a huge name cannot blow up the
 /// status message (it travels in an HTTP/2 trailer).
@@ -104,25 +108,47 @@ pub enum DecodeError {
         value: String,
         datatype: DataType,
     },
-    #[error("{kind} '{name}': shared-memory tensors are not supported by this worker")]
+    #[error("{kind} '{name}': shared-memory tensors are turned off on this worker")]
     SharedMemoryUnsupported { kind: &'static str, name: String },
+    #[error("{kind} '{name}': {reason}")]
+    InvalidSharedMemoryParameter {
+        kind: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("input '{0}': names a shared-memory region and also carries data")]
+    SharedMemoryAndData(String),
+    #[error("{kind} '{name}': {error}")]
+    SharedMemory {
+        kind: &'static str,
+        name: String,
+        error: SharedMemoryError,
+    },
     #[error("unknown output '{name}' requested: the model's outputs are {expected}")]
     UnknownOutput { name: String, expected: String },
     #[error("output '{0}' is requested more than once")]
     DuplicateOutput(String),
 }
 
-/// A request that fits the model: its inputs in the order given, its outputs as indexes into
-/// the signature's outputs.
+/// A request that fits the model: its inputs in the order given, and the outputs to return.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InferRequest {
     /// The client's request id, echoed in the response.
     pub id: String,
     pub inputs: Vec<InputTensor>,
-    pub outputs: Vec<usize>,
+    pub outputs: Vec<RequestedOutput>,
 }
 
-/// A validated input tensor: `data` is exactly shape × element size bytes.
+/// An output to return: its index in the signature's outputs, and where it goes when the client
+/// asked for it in shared memory (holding that region until the response is built).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestedOutput {
+    pub index: usize,
+    pub shared_memory: Option<OutputSlot>,
+}
+
+/// A validated input tensor: `data` is exactly shape × element size bytes (for a shared-memory
+/// input, the client's pages themselves, holding the region while `data` lives).
 #[derive(Debug, Clone, PartialEq)]
 pub struct InputTensor {
     pub name: String,
@@ -146,10 +172,12 @@ impl InferRequest {
     }
 }
 
-/// Validates `request` against `signature`.
+/// Validates `request` against `signature`. Shared-memory tensors are resolved in
+/// `shared_memory`; without one they are refused.
 pub fn decode_request(
     request: ModelInferRequest,
     signature: &ModelSignature,
+    shared_memory: Option<&SharedMemoryRegistry>,
 ) -> Result<InferRequest, DecodeError> {
     let ModelInferRequest {
         id,
@@ -161,21 +189,30 @@ pub fn decode_request(
     if inputs.is_empty() {
         return Err(DecodeError::NoInputs);
     }
-    // As in Triton: raw bytes, when used, come one per input in order, and then no input may
-    // also carry typed contents.
+    // As in Triton: raw bytes, when used, come one per input not in shared memory, in order,
+    // and then no input may also carry typed contents.
+    let inline_inputs = inputs
+        .iter()
+        .filter(|input| !names_shared_memory(&input.parameters))
+        .count();
     let raw_mode = !raw_input_contents.is_empty();
-    if raw_mode && raw_input_contents.len() != inputs.len() {
+    if raw_mode && raw_input_contents.len() != inline_inputs {
         return Err(DecodeError::RawCountMismatch {
             given: raw_input_contents.len(),
-            expected: inputs.len(),
+            expected: inline_inputs,
         });
     }
     let mut raw = raw_input_contents.into_iter();
     let mut seen = HashSet::new();
     let mut decoded = Vec::with_capacity(signature.inputs.len());
     for input in inputs {
-        let raw_data = if raw_mode { raw.next() } else { None };
-        let tensor = decode_input(input, raw_data, signature)?;
+        let shared = shared_memory_ref("input", &input.name, &input.parameters)?;
+        let raw_data = if raw_mode && shared.is_none() {
+            raw.next()
+        } else {
+            None
+        };
+        let tensor = decode_input(input, raw_data, shared, signature, shared_memory)?;
         if !seen.insert(tensor.name.clone()) {
             return Err(DecodeError::DuplicateInput(shown(&tensor.name)));
         }
@@ -191,32 +228,38 @@ pub fn decode_request(
     Ok(InferRequest {
         id,
         inputs: decoded,
-        outputs: decode_outputs(outputs, signature)?,
+        outputs: decode_outputs(outputs, signature, shared_memory)?,
     })
 }
 
 fn decode_input(
     input: InferInputTensor,
     raw: Option<Bytes>,
+    shared: Option<SharedMemoryRef>,
     signature: &ModelSignature,
+    shared_memory: Option<&SharedMemoryRegistry>,
 ) -> Result<InputTensor, DecodeError> {
     let InferInputTensor {
         name,
         datatype,
         shape: dims,
-        parameters,
+        parameters: _,
         contents,
     } = input;
     let spec = find_spec(&signature.inputs, &name).ok_or_else(|| DecodeError::UnknownInput {
         name: shown(&name),
         expected: names(&signature.inputs),
     })?;
-    if names_shared_memory(&parameters) {
-        return Err(DecodeError::SharedMemoryUnsupported {
-            kind: "input",
-            name: shown(&name),
-        });
-    }
+    let shared = match (shared, shared_memory) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(DecodeError::SharedMemoryUnsupported {
+                kind: "input",
+                name: shown(&name),
+            });
+        }
+        (Some(reference), Some(registry)) => Some((reference, registry)),
+    };
     let datatype = match DataType::from_name(&datatype) {
         Some(DataType::Bytes) => return Err(DecodeError::BytesUnsupported(shown(&name))),
         Some(datatype) => datatype,
@@ -268,6 +311,33 @@ fn decode_input(
         .ok_or_else(overflow)?;
     let element_size = datatype.element_size().ok_or_else(overflow)?;
     let byte_size = elements.checked_mul(element_size).ok_or_else(overflow)?;
+    if let Some((reference, registry)) = shared {
+        if contents.is_some() {
+            return Err(DecodeError::SharedMemoryAndData(name));
+        }
+        if reference.byte_size != byte_size as u64 {
+            return Err(DecodeError::ByteSizeMismatch {
+                name,
+                given: usize::try_from(reference.byte_size).unwrap_or(usize::MAX),
+                expected: byte_size,
+                shape: dims,
+                datatype,
+            });
+        }
+        let data = registry.input(&reference, element_size).map_err(|error| {
+            DecodeError::SharedMemory {
+                kind: "input",
+                name: shown(&name),
+                error,
+            }
+        })?;
+        return Ok(InputTensor {
+            name,
+            datatype,
+            shape,
+            data,
+        });
+    }
     let data = match (raw, contents) {
         (Some(_), Some(_)) => return Err(DecodeError::ContentsAndRaw(name)),
         (Some(raw), None) => {
@@ -297,9 +367,15 @@ fn decode_input(
 fn decode_outputs(
     requested: Vec<InferRequestedOutputTensor>,
     signature: &ModelSignature,
-) -> Result<Vec<usize>, DecodeError> {
+    shared_memory: Option<&SharedMemoryRegistry>,
+) -> Result<Vec<RequestedOutput>, DecodeError> {
     if requested.is_empty() {
-        return Ok((0..signature.outputs.len()).collect());
+        return Ok((0..signature.outputs.len())
+            .map(|index| RequestedOutput {
+                index,
+                shared_memory: None,
+            })
+            .collect());
     }
     let mut indexes = Vec::with_capacity(requested.len().min(signature.outputs.len()));
     for output in requested {
@@ -311,18 +387,87 @@ fn decode_outputs(
                 name: shown(&output.name),
                 expected: names(&signature.outputs),
             })?;
-        if names_shared_memory(&output.parameters) {
-            return Err(DecodeError::SharedMemoryUnsupported {
-                kind: "output",
-                name: output.name,
-            });
-        }
-        if indexes.contains(&index) {
+        if indexes
+            .iter()
+            .any(|wanted: &RequestedOutput| wanted.index == index)
+        {
             return Err(DecodeError::DuplicateOutput(output.name));
         }
-        indexes.push(index);
+        let slot = match (
+            shared_memory_ref("output", &output.name, &output.parameters)?,
+            shared_memory,
+        ) {
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(DecodeError::SharedMemoryUnsupported {
+                    kind: "output",
+                    name: shown(&output.name),
+                });
+            }
+            (Some(reference), Some(registry)) => Some(registry.output(&reference).map_err(
+                |error| DecodeError::SharedMemory {
+                    kind: "output",
+                    name: shown(&output.name),
+                    error,
+                },
+            )?),
+        };
+        indexes.push(RequestedOutput {
+            index,
+            shared_memory: slot,
+        });
     }
     Ok(indexes)
+}
+
+/// Reads Triton's three shared-memory parameters of a tensor: none of them means the tensor is
+/// not in shared memory; otherwise the region and byte size are required and the offset
+/// defaults to 0.
+fn shared_memory_ref(
+    kind: &'static str,
+    name: &str,
+    parameters: &HashMap<String, InferParameter>,
+) -> Result<Option<SharedMemoryRef>, DecodeError> {
+    if !names_shared_memory(parameters) {
+        return Ok(None);
+    }
+    let invalid = |reason: String| DecodeError::InvalidSharedMemoryParameter {
+        kind,
+        name: shown(name),
+        reason,
+    };
+    let region = match parameters
+        .get(REGION_PARAMETER)
+        .and_then(|parameter| parameter.parameter_choice.as_ref())
+    {
+        Some(ParameterChoice::StringParam(region)) if !region.is_empty() => region.clone(),
+        _ => {
+            return Err(invalid(format!(
+                "{REGION_PARAMETER} must be a non-empty string"
+            )));
+        }
+    };
+    let number = |key: &str| -> Result<Option<u64>, DecodeError> {
+        match parameters
+            .get(key)
+            .and_then(|parameter| parameter.parameter_choice.as_ref())
+        {
+            None => Ok(None),
+            Some(ParameterChoice::Int64Param(value)) => u64::try_from(*value)
+                .map(Some)
+                .map_err(|_| invalid(format!("{key} is negative"))),
+            Some(ParameterChoice::Uint64Param(value)) => Ok(Some(*value)),
+            Some(_) => Err(invalid(format!("{key} must be an integer"))),
+        }
+    };
+    let offset = number(OFFSET_PARAMETER)?.unwrap_or(0);
+    let byte_size = number(BYTE_SIZE_PARAMETER)?
+        .ok_or_else(|| invalid(format!("{BYTE_SIZE_PARAMETER} is required")))?;
+    Ok(Some(SharedMemoryRef {
+        region,
+        offset,
+        byte_size,
+    }))
 }
 
 /// Packs typed `contents` into little-endian bytes, after checking that the values sit in the
@@ -466,7 +611,7 @@ fn names(specs: &[TensorSpec]) -> String {
 }
 
 /// A client-supplied string cut to a length fit for an error message.
-fn shown(text: &str) -> String {
+pub(crate) fn shown(text: &str) -> String {
     match text.char_indices().nth(MAX_SHOWN_NAME) {
         Some((end, _)) => format!("{}…", &text[..end]),
         None => text.to_owned(),
@@ -525,7 +670,11 @@ mod tests {
     }
 
     fn decode_any(request: ModelInferRequest) -> Result<InferRequest, DecodeError> {
-        decode_request(request, &any_signature())
+        decode_request(request, &any_signature(), None)
+    }
+
+    fn output_indexes(request: &InferRequest) -> Vec<usize> {
+        request.outputs.iter().map(|output| output.index).collect()
     }
 
     #[test]
@@ -534,7 +683,7 @@ mod tests {
         let received = request.raw_input_contents[0].clone();
         let decoded = decode_any(request).unwrap();
         assert_eq!(decoded.id, "req-1");
-        assert_eq!(decoded.outputs, [0]);
+        assert_eq!(output_indexes(&decoded), [0]);
         let tensor = &decoded.inputs[0];
         assert_eq!(
             (tensor.datatype, tensor.shape.as_slice()),
@@ -567,7 +716,7 @@ mod tests {
         let inputs = vec![input("A", "INT32", &[1, 4]), input("B", "FP32", &[1, 4])];
         let request = raw_request(inputs, vec![vec![0; 16], vec![0; 16]]);
         assert!(matches!(
-            decode_request(request, &typed_signature()),
+            decode_request(request, &typed_signature(), None),
             Err(DecodeError::DatatypeMismatch {
                 expected: DataType::Fp32,
                 given: DataType::Int32,
@@ -584,7 +733,7 @@ mod tests {
             let request = raw_request(inputs, vec![vec![0; size], vec![0; 16]]);
             assert!(
                 matches!(
-                    decode_request(request, &typed_signature()),
+                    decode_request(request, &typed_signature(), None),
                     Err(DecodeError::ShapeMismatch { .. })
                 ),
                 "{shape:?}"
@@ -596,9 +745,9 @@ mod tests {
     fn variable_dims_accept_any_size() {
         let inputs = vec![input("A", "FP32", &[7, 4]), input("B", "FP32", &[0, 4])];
         let request = raw_request(inputs, vec![vec![0; 112], vec![]]);
-        let decoded = decode_request(request, &typed_signature()).unwrap();
+        let decoded = decode_request(request, &typed_signature(), None).unwrap();
         assert_eq!(decoded.inputs[1].shape, [0, 4]);
-        assert_eq!(decoded.outputs, [0, 1]);
+        assert_eq!(output_indexes(&decoded), [0, 1]);
     }
 
     #[test]
@@ -674,7 +823,7 @@ mod tests {
         let inputs = vec![input("A", "FP32", &[1, 4]), input("B", "FP32", &[1, 4])];
         let request = raw_request(inputs, vec![vec![0; 16]]);
         assert_eq!(
-            decode_request(request, &typed_signature()),
+            decode_request(request, &typed_signature(), None),
             Err(DecodeError::RawCountMismatch {
                 given: 1,
                 expected: 2
@@ -699,13 +848,13 @@ mod tests {
         ));
         let request = raw_request(vec![input("A", "FP32", &[1, 4])], vec![vec![0; 16]]);
         assert_eq!(
-            decode_request(request, &typed_signature()),
+            decode_request(request, &typed_signature(), None),
             Err(DecodeError::MissingInput("B".into()))
         );
         let inputs = vec![input("A", "FP32", &[1, 4]), input("A", "FP32", &[1, 4])];
         let request = raw_request(inputs, vec![vec![0; 16], vec![0; 16]]);
         assert_eq!(
-            decode_request(request, &typed_signature()),
+            decode_request(request, &typed_signature(), None),
             Err(DecodeError::DuplicateInput("A".into()))
         );
     }
@@ -719,34 +868,166 @@ mod tests {
             ..Default::default()
         };
         request.outputs = vec![output("Y"), output("X")];
-        let decoded = decode_request(request.clone(), &typed_signature()).unwrap();
-        assert_eq!(decoded.outputs, [1, 0]);
+        let decoded = decode_request(request.clone(), &typed_signature(), None).unwrap();
+        assert_eq!(output_indexes(&decoded), [1, 0]);
 
         request.outputs = vec![output("Z")];
         assert!(matches!(
-            decode_request(request.clone(), &typed_signature()),
+            decode_request(request.clone(), &typed_signature(), None),
             Err(DecodeError::UnknownOutput { .. })
         ));
         request.outputs = vec![output("X"), output("X")];
         assert_eq!(
-            decode_request(request, &typed_signature()),
+            decode_request(request, &typed_signature(), None),
             Err(DecodeError::DuplicateOutput("X".into()))
         );
     }
 
-    #[test]
-    fn shared_memory_tensors_are_refused_until_supported() {
-        let mut tensor = input("INPUT0", "UINT8", &[4]);
-        tensor.parameters.insert(
-            "shared_memory_region".into(),
-            InferParameter {
-                parameter_choice: Some(ParameterChoice::StringParam("r".into())),
-            },
+    fn shared_parameters(
+        parameters: &mut HashMap<String, InferParameter>,
+        region: &str,
+        offset: i64,
+        byte_size: i64,
+    ) {
+        let mut set = |key: &str, choice| {
+            parameters.insert(
+                key.into(),
+                InferParameter {
+                    parameter_choice: Some(choice),
+                },
+            );
+        };
+        set(
+            REGION_PARAMETER,
+            ParameterChoice::StringParam(region.into()),
         );
-        let request = raw_request(vec![tensor], vec![]);
+        set(OFFSET_PARAMETER, ParameterChoice::Int64Param(offset));
+        set(BYTE_SIZE_PARAMETER, ParameterChoice::Int64Param(byte_size));
+    }
+
+    fn shared_input(name: &str, shape: &[i64], offset: i64, byte_size: i64) -> InferInputTensor {
+        let mut tensor = input(name, "FP32", shape);
+        shared_parameters(&mut tensor.parameters, "r", offset, byte_size);
+        tensor
+    }
+
+    /// A client region of 4 KiB holding 0, 1, 2, … registered as `r`.
+    fn registry_with_region() -> (remotemedia_runtime_core::shm::Region, SharedMemoryRegistry) {
+        let mut client = remotemedia_runtime_core::shm::Region::create_named(
+            std::num::NonZeroUsize::new(4096).unwrap(),
+        )
+        .unwrap();
+        for (i, byte) in client.as_mut_slice().iter_mut().enumerate() {
+            *byte = i as u8;
+        }
+        let registry = SharedMemoryRegistry::unmeasured();
+        registry.register("r", client.id(), 0, 4096).unwrap();
+        (client, registry)
+    }
+
+    #[test]
+    fn shared_memory_tensors_are_refused_when_turned_off() {
+        let request = raw_request(vec![shared_input("INPUT0", &[4], 0, 16)], vec![]);
         assert!(matches!(
             decode_any(request),
             Err(DecodeError::SharedMemoryUnsupported { kind: "input", .. })
+        ));
+    }
+
+    #[test]
+    fn shared_memory_inputs_mix_with_raw_ones_and_are_read_in_place() {
+        let (client, registry) = registry_with_region();
+        // A in shared memory, B raw: the one raw entry belongs to B.
+        let inputs = vec![
+            shared_input("A", &[1, 4], 64, 16),
+            input("B", "FP32", &[1, 4]),
+        ];
+        let request = raw_request(inputs, vec![vec![9; 16]]);
+        let decoded = decode_request(request, &typed_signature(), Some(&registry)).unwrap();
+        assert_eq!(decoded.inputs[0].data.as_ref(), &client.as_slice()[64..80]);
+        assert_ne!(
+            decoded.inputs[0].data.as_ptr(),
+            client.as_slice()[64..].as_ptr(),
+            "the worker reads its own private mapping, not the client's"
+        );
+        assert_eq!(decoded.inputs[1].data.as_ref(), [9; 16]);
+    }
+
+    #[test]
+    fn bad_shared_memory_inputs_get_their_errors() {
+        let (_client, registry) = registry_with_region();
+        let decode = |tensor: InferInputTensor| {
+            let request = raw_request(vec![tensor], vec![]);
+            decode_request(request, &any_signature(), Some(&registry))
+        };
+        assert!(matches!(
+            decode(shared_input("INPUT0", &[4], 0, 12)),
+            Err(DecodeError::ByteSizeMismatch {
+                given: 12,
+                expected: 16,
+                ..
+            })
+        ));
+        assert!(matches!(
+            decode(shared_input("INPUT0", &[4], 4090, 16)),
+            Err(DecodeError::SharedMemory {
+                error: SharedMemoryError::OutOfRange { .. },
+                ..
+            })
+        ));
+        let mut unknown = input("INPUT0", "FP32", &[4]);
+        shared_parameters(&mut unknown.parameters, "nope", 0, 16);
+        assert!(matches!(
+            decode(unknown),
+            Err(DecodeError::SharedMemory {
+                error: SharedMemoryError::NotRegistered(_),
+                ..
+            })
+        ));
+        let mut negative = shared_input("INPUT0", &[4], -1, 16);
+        assert!(matches!(
+            decode(negative.clone()),
+            Err(DecodeError::InvalidSharedMemoryParameter { .. })
+        ));
+        negative.parameters.remove(BYTE_SIZE_PARAMETER);
+        negative.parameters.remove(OFFSET_PARAMETER);
+        let message = decode(negative).unwrap_err().to_string();
+        assert!(
+            message.contains("shared_memory_byte_size is required"),
+            "{message}"
+        );
+        let mut with_contents = shared_input("INPUT0", &[1], 0, 4);
+        with_contents.contents = Some(InferTensorContents {
+            fp32_contents: vec![1.0],
+            ..Default::default()
+        });
+        assert_eq!(
+            decode(with_contents),
+            Err(DecodeError::SharedMemoryAndData("INPUT0".into()))
+        );
+    }
+
+    #[test]
+    fn shared_memory_outputs_hold_their_slot() {
+        let (_client, registry) = registry_with_region();
+        let inputs = vec![input("A", "FP32", &[1, 4]), input("B", "FP32", &[1, 4])];
+        let mut request = raw_request(inputs, vec![vec![0; 16], vec![0; 16]]);
+        let mut output = InferRequestedOutputTensor {
+            name: "Y".into(),
+            ..Default::default()
+        };
+        shared_parameters(&mut output.parameters, "r", 128, 16);
+        request.outputs = vec![output];
+        let decoded = decode_request(request.clone(), &typed_signature(), Some(&registry)).unwrap();
+        assert_eq!(decoded.outputs[0].index, 1);
+        let slot = decoded.outputs[0].shared_memory.as_ref().unwrap();
+        assert_eq!(
+            (slot.reference().offset, slot.reference().byte_size),
+            (128, 16)
+        );
+        assert!(matches!(
+            decode_request(request, &typed_signature(), None),
+            Err(DecodeError::SharedMemoryUnsupported { kind: "output", .. })
         ));
     }
 
@@ -921,7 +1202,7 @@ mod tests {
                 })
                 .collect();
             let raw = raw_lens.iter().map(|&len| vec![0; len]).collect();
-            let _ = decode_request(raw_request(inputs, raw), &typed_signature());
+            let _ = decode_request(raw_request(inputs, raw), &typed_signature(), None);
         }
     }
 }

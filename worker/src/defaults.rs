@@ -28,3 +28,6 @@ pub const TERMINATION_LOG: &str = "/dev/termination-log";
 pub const MODEL_VERSION: &str = "1";
 /// Name reported by ServerMetadata.
 pub const SERVER_NAME: &str = "remotemedia-model-worker";
+/// Whether Triton's system shared memory is served: on for the standalone worker; deployments
+/// whose shared memory the sidecar brokers turn it off.
+pub const ALLOW_NAMED_SHM: bool = true;

@@ -1,8 +1,8 @@
 //! Why a request failed, and the one place those reasons become gRPC status codes.
 
-use tonic::Status;
+use tonic::{Code, Status};
 
-use crate::{backend::BackendError, decode::DecodeError};
+use crate::{backend::BackendError, decode::DecodeError, shm::SharedMemoryError};
 
 /// A request the worker could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -27,12 +27,18 @@ pub enum ServiceError {
     Backend(#[from] BackendError),
     #[error("the model panicked")]
     Panicked,
+    #[error(transparent)]
+    SharedMemory(#[from] SharedMemoryError),
 }
 
 impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
         let message = error.to_string();
         match error {
+            ServiceError::SharedMemory(error)
+            | ServiceError::Decode(DecodeError::SharedMemory { error, .. }) => {
+                Status::new(shared_memory_code(&error), message)
+            }
             ServiceError::MissingModelName
             | ServiceError::Decode(_)
             | ServiceError::Backend(BackendError::InvalidInput(_)) => {
@@ -50,6 +56,22 @@ impl From<ServiceError> for Status {
                 Status::internal("failed to run the model")
             }
         }
+    }
+}
+
+fn shared_memory_code(error: &SharedMemoryError) -> Code {
+    match error {
+        SharedMemoryError::Disabled => Code::Unimplemented,
+        SharedMemoryError::AlreadyRegistered(_) => Code::AlreadyExists,
+        SharedMemoryError::KeyNotFound(_) | SharedMemoryError::NotRegistered(_) => Code::NotFound,
+        SharedMemoryError::EmptyName
+        | SharedMemoryError::InvalidKey { .. }
+        | SharedMemoryError::EmptyRange(_)
+        | SharedMemoryError::PastObject { .. }
+        | SharedMemoryError::OutOfRange { .. }
+        | SharedMemoryError::OutputTooSmall { .. } => Code::InvalidArgument,
+        // The OS error behind it was logged; the message names only the client's region.
+        SharedMemoryError::Map(_) => Code::Internal,
     }
 }
 
@@ -80,6 +102,35 @@ mod tests {
             (ServiceError::NotReady("x".into()), Code::Unavailable),
             (ServiceError::QueueFull(3), Code::ResourceExhausted),
             (ServiceError::Panicked, Code::Internal),
+            (
+                ServiceError::SharedMemory(SharedMemoryError::AlreadyRegistered("r".into())),
+                Code::AlreadyExists,
+            ),
+            (
+                ServiceError::Decode(DecodeError::SharedMemory {
+                    kind: "input",
+                    name: "INPUT0".into(),
+                    error: SharedMemoryError::NotRegistered("r".into()),
+                }),
+                Code::NotFound,
+            ),
+            (
+                ServiceError::Decode(DecodeError::SharedMemory {
+                    kind: "input",
+                    name: "INPUT0".into(),
+                    error: SharedMemoryError::OutOfRange {
+                        region: "r".into(),
+                        offset: 8,
+                        byte_size: 8,
+                        registered: 8,
+                    },
+                }),
+                Code::InvalidArgument,
+            ),
+            (
+                ServiceError::SharedMemory(SharedMemoryError::Disabled),
+                Code::Unimplemented,
+            ),
         ];
         for (error, code) in cases {
             assert_eq!(Status::from(error).code(), code);

@@ -226,7 +226,10 @@ mod tests {
                 shape: vec![1],
                 data: bytes::Bytes::from_static(&[7]),
             }],
-            outputs: vec![0],
+            outputs: vec![crate::decode::RequestedOutput {
+                index: 0,
+                shared_memory: None,
+            }],
         }
     }
 

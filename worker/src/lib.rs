@@ -18,6 +18,7 @@ mod metrics;
 pub mod model;
 pub mod pbtxt;
 mod service;
+pub mod shm;
 pub mod tensor;
 
 use std::{
@@ -45,6 +46,7 @@ use crate::{
     lifecycle::Lifecycle,
     metrics::Metrics,
     service::InferenceService,
+    shm::SharedMemoryRegistry,
 };
 
 /// A fatal error after configuration was accepted.
@@ -92,6 +94,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         max_message_bytes,
         drain_delay,
         drain_timeout,
+        allow_named_shm,
     } = settings;
 
     // Every listener is bound before anything is served: a port in use is a start-up error.
@@ -107,11 +110,18 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let lifecycle = Arc::new(Lifecycle::new(health_reporter).await);
     let stats = Arc::new(ModelStats::default());
+    let shared_memory = allow_named_shm.then(|| {
+        Arc::new(SharedMemoryRegistry::new(
+            metrics.shm_misaligned_copies.clone(),
+            metrics.shm_regions.clone(),
+        ))
+    });
     let service = InferenceService::new(
         source.describe(&model_id),
         stats.clone(),
         lifecycle.clone(),
         metrics.clone(),
+        shared_memory,
     );
     let health = Health {
         lifecycle: lifecycle.clone(),
@@ -141,7 +151,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         admin_stopped,
     ));
     tracing::info!(
-        model = %model_id, %device, port, admin_port, uds = ?uds,
+        model = %model_id, %device, port, admin_port, uds = ?uds, allow_named_shm,
         "serving; loading the model"
     );
 

@@ -67,6 +67,10 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// Forward passes running now.
     pub in_flight: Gauge,
+    /// Shared-memory inputs copied because their address did not suit their datatype.
+    pub shm_misaligned_copies: Counter,
+    /// System shared-memory regions registered now.
+    pub shm_regions: Gauge,
 }
 
 impl Metrics {
@@ -78,6 +82,8 @@ impl Metrics {
             duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             queue_depth: Gauge::default(),
             in_flight: Gauge::default(),
+            shm_misaligned_copies: Counter::default(),
+            shm_regions: Gauge::default(),
         };
         registry.register(
             "requests",
@@ -98,6 +104,16 @@ impl Metrics {
             "in_flight",
             "Forward passes running",
             metrics.in_flight.clone(),
+        );
+        registry.register(
+            "shm_misaligned_copies",
+            "Shared-memory inputs copied to an aligned buffer instead of read in place",
+            metrics.shm_misaligned_copies.clone(),
+        );
+        registry.register(
+            "shm_regions",
+            "System shared-memory regions registered",
+            metrics.shm_regions.clone(),
         );
         metrics
     }

@@ -5,15 +5,17 @@ use std::{
     time::Instant,
 };
 
+use bytes::Bytes;
 use remotemedia_proto::inference::{
-    ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+    InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
     ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
     ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse, ServerLiveRequest,
     ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
     ServerReadyResponse, SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse,
     SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
     SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
-    grpc_inference_service_server::GrpcInferenceService, model_infer_response::InferOutputTensor,
+    grpc_inference_service_server::GrpcInferenceService, infer_parameter::ParameterChoice,
+    model_infer_response::InferOutputTensor,
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,18 +23,21 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::{
     backend::BackendError,
-    decode::decode_request,
+    decode::{RequestedOutput, decode_request},
     defaults,
     error::ServiceError,
     executor::{Executor, ModelStats, Stat},
     lifecycle::Lifecycle,
     metrics::{Metrics, Outcome},
     model::ModelDescription,
+    shm::{SharedMemoryError, SharedMemoryRegistry},
     tensor::OutputTensor,
 };
 
 /// Extensions of the protocol this build implements, as ServerMetadata lists them.
 const EXTENSIONS: [&str; 2] = ["model_configuration", "statistics"];
+/// Listed too while `--allow-named-shm` is on.
+const SHARED_MEMORY_EXTENSION: &str = "system_shared_memory";
 
 /// Requests of one ModelStreamInfer stream that may be in progress at once; the stream reads no
 /// further until one finishes, so a client cannot pile up unbounded work or responses.
@@ -51,6 +56,8 @@ struct Inner {
     stats: Arc<ModelStats>,
     lifecycle: Arc<Lifecycle>,
     metrics: Metrics,
+    /// Registered system shared-memory regions; `None` when `--allow-named-shm` is off.
+    shared_memory: Option<Arc<SharedMemoryRegistry>>,
 }
 
 impl InferenceService {
@@ -59,6 +66,7 @@ impl InferenceService {
         stats: Arc<ModelStats>,
         lifecycle: Arc<Lifecycle>,
         metrics: Metrics,
+        shared_memory: Option<Arc<SharedMemoryRegistry>>,
     ) -> Self {
         InferenceService {
             inner: Arc::new(Inner {
@@ -67,8 +75,16 @@ impl InferenceService {
                 stats,
                 lifecycle,
                 metrics,
+                shared_memory,
             }),
         }
+    }
+
+    fn shared_memory(&self) -> Result<&SharedMemoryRegistry, ServiceError> {
+        self.inner
+            .shared_memory
+            .as_deref()
+            .ok_or(ServiceError::SharedMemory(SharedMemoryError::Disabled))
     }
 
     /// Hands the loaded model to the service; called once, before the worker turns ready.
@@ -137,7 +153,11 @@ impl InferenceService {
             .executor
             .get()
             .ok_or_else(|| ServiceError::NotReady(model.name.clone()))?;
-        let mut decoded = decode_request(request, &model.signature)?;
+        let mut decoded = decode_request(
+            request,
+            &model.signature,
+            self.inner.shared_memory.as_deref(),
+        )?;
         let id = std::mem::take(&mut decoded.id);
         let wanted = std::mem::take(&mut decoded.outputs);
         let outputs = executor.infer(decoded).await?;
@@ -148,38 +168,80 @@ impl InferenceService {
                 model.signature.outputs.len()
             ))));
         }
-        Ok(response(model, id, &outputs, &wanted))
+        if wanted.iter().any(|output| output.shared_memory.is_some()) {
+            // Copying into the client's region may move hundreds of MiB: off the async runtime.
+            let name = model.name.clone();
+            return tokio::task::spawn_blocking(move || response(&name, id, &outputs, &wanted))
+                .await
+                .map_err(|_| ServiceError::Panicked)?;
+        }
+        response(&model.name, id, &outputs, &wanted)
     }
 }
 
-/// The response carrying the `wanted` outputs (indexes into `outputs`), in that order.
+/// The response carrying the `wanted` outputs, in that order. An output requested in shared
+/// memory is copied into the client's range (the one copy) and leaves an empty raw entry, so
+/// raw entries still line up with outputs for clients that index them by position.
 fn response(
-    model: &ModelDescription,
+    model_name: &str,
     id: String,
     outputs: &[OutputTensor],
-    wanted: &[usize],
-) -> ModelInferResponse {
-    let chosen: Vec<&OutputTensor> = wanted.iter().filter_map(|&i| outputs.get(i)).collect();
-    ModelInferResponse {
-        model_name: model.name.clone(),
+    wanted: &[RequestedOutput],
+) -> Result<ModelInferResponse, ServiceError> {
+    let mut tensors = Vec::with_capacity(wanted.len());
+    let mut raw = Vec::with_capacity(wanted.len());
+    for requested in wanted {
+        let Some(output) = outputs.get(requested.index) else {
+            continue;
+        };
+        let mut tensor = InferOutputTensor {
+            name: output.name.clone(),
+            datatype: output.datatype.name().to_owned(),
+            shape: output
+                .shape
+                .iter()
+                .map(|&dim| i64::try_from(dim).unwrap_or(i64::MAX))
+                .collect(),
+            ..Default::default()
+        };
+        match &requested.shared_memory {
+            Some(slot) => {
+                slot.write(&output.name, &output.data)?;
+                let reference = slot.reference();
+                let parameter = |choice| InferParameter {
+                    parameter_choice: Some(choice),
+                };
+                tensor.parameters = [
+                    (
+                        "shared_memory_region",
+                        parameter(ParameterChoice::StringParam(reference.region.clone())),
+                    ),
+                    (
+                        "shared_memory_offset",
+                        parameter(ParameterChoice::Uint64Param(reference.offset)),
+                    ),
+                    (
+                        "shared_memory_byte_size",
+                        parameter(ParameterChoice::Uint64Param(output.data.len() as u64)),
+                    ),
+                ]
+                .into_iter()
+                .map(|(key, value)| (key.to_owned(), value))
+                .collect();
+                raw.push(Bytes::new());
+            }
+            None => raw.push(output.data.clone()),
+        }
+        tensors.push(tensor);
+    }
+    Ok(ModelInferResponse {
+        model_name: model_name.to_owned(),
         model_version: defaults::MODEL_VERSION.to_owned(),
         id,
-        outputs: chosen
-            .iter()
-            .map(|output| InferOutputTensor {
-                name: output.name.clone(),
-                datatype: output.datatype.name().to_owned(),
-                shape: output
-                    .shape
-                    .iter()
-                    .map(|&dim| i64::try_from(dim).unwrap_or(i64::MAX))
-                    .collect(),
-                ..Default::default()
-            })
-            .collect(),
-        raw_output_contents: chosen.iter().map(|output| output.data.clone()).collect(),
+        outputs: tensors,
+        raw_output_contents: raw,
         ..Default::default()
-    }
+    })
 }
 
 #[tonic::async_trait]
@@ -219,7 +281,16 @@ impl GrpcInferenceService for InferenceService {
         Ok(Response::new(ServerMetadataResponse {
             name: defaults::SERVER_NAME.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            extensions: EXTENSIONS.iter().map(|&name| name.to_owned()).collect(),
+            extensions: EXTENSIONS
+                .iter()
+                .chain(
+                    self.inner
+                        .shared_memory
+                        .as_ref()
+                        .map(|_| &SHARED_MEMORY_EXTENSION),
+                )
+                .map(|&name| name.to_owned())
+                .collect(),
         }))
     }
 
@@ -332,26 +403,41 @@ impl GrpcInferenceService for InferenceService {
 
     async fn system_shared_memory_status(
         &self,
-        _: Request<SystemSharedMemoryStatusRequest>,
+        request: Request<SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
-        Err(shared_memory_unimplemented())
+        let request = request.into_inner();
+        let regions = self
+            .shared_memory()?
+            .status(&request.name)
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(SystemSharedMemoryStatusResponse { regions }))
     }
 
     async fn system_shared_memory_register(
         &self,
-        _: Request<SystemSharedMemoryRegisterRequest>,
+        request: Request<SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
-        Err(shared_memory_unimplemented())
+        let SystemSharedMemoryRegisterRequest {
+            name,
+            key,
+            offset,
+            byte_size,
+        } = request.into_inner();
+        let registry = self.shared_memory()?;
+        // A few system calls (open, stat, mmap without populating): cheap enough to run here.
+        registry
+            .register(&name, &key, offset, byte_size)
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
     }
 
+    /// Waits until no in-flight request holds what it unregisters (see [`crate::shm`]).
     async fn system_shared_memory_unregister(
         &self,
-        _: Request<SystemSharedMemoryUnregisterRequest>,
+        request: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
-        Err(shared_memory_unimplemented())
+        let request = request.into_inner();
+        self.shared_memory()?.unregister(&request.name).await;
+        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
-}
-
-fn shared_memory_unimplemented() -> Status {
-    Status::unimplemented("system shared memory is not supported by this worker yet")
 }

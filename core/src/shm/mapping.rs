@@ -80,6 +80,29 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 
+    /// Copies `data` into the mapping at `offset`, through a shared reference: several requests
+    /// may each write their own slice of one region (the model worker writes outputs into a
+    /// client's region this way). `None` when `offset + data.len()` passes the end; nothing is
+    /// written then.
+    ///
+    /// The bytes written must not be borrowed through [`Mapping::as_slice`] in this process at
+    /// the same time; as with any shared memory, callers agree on who writes which bytes when.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Option<()> {
+        let end = offset.checked_add(data.len())?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: `offset..end` lies inside the mapping (checked above), which is writable
+        // (PROT_WRITE) and stays mapped while `self` lives; `data` is a Rust slice and cannot
+        // overlap a range no Rust reference covers (the caller keeps `as_slice` borrows of these
+        // bytes apart, as documented). A raw copy creates no `&mut` over memory that other
+        // holders may read.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(offset), data.len());
+        }
+        Some(())
+    }
+
     /// The mapped bytes, writable.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         // SAFETY: as in `as_slice`, and the mapping is writable (PROT_WRITE); `&mut self`

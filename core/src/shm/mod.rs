@@ -29,7 +29,7 @@ pub(crate) use allocator::Lease;
 pub use allocator::{AllocatorConfig, AllocatorStats, SharedMemoryAllocator};
 pub use cleanup::{CleanupReport, cleanup_dead_regions};
 pub use mapping::{Access, Mapping};
-pub use region::{REGION_PREFIX, Region, open_region};
+pub use region::{REGION_PREFIX, Region, open_named_region, open_region};
 
 /// The string another process needs to open a region: the POSIX shared-memory name without
 /// its leading slash, e.g. `remotemedia-4242-9f86d081884c7d65`, or for a brokered region its

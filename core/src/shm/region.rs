@@ -37,6 +37,9 @@ pub struct Region {
     holder: Holder,
 }
 
+/// `(st_dev, st_ino)` of a shared-memory object.
+type Identity = (u64, u64);
+
 #[derive(Debug)]
 enum Holder {
     /// The creator: a shared `flock` held for the region's whole life says "owner alive".
@@ -94,24 +97,21 @@ impl Region {
 
     /// Opens and maps a region that another process (or this one) created, uncached: each call
     /// is its own mapping. Use [`open_region`] to share one mapping per process.
+    ///
+    /// `id` is any valid POSIX shared-memory name without its leading slash, not only the names
+    /// this crate creates: the model worker maps keys that Triton-style clients chose.
     pub fn open_named(id: &str, access: Access) -> Result<Self, ShmError> {
-        validate_id(id)?;
-        let id = RegionId(id.to_owned());
-        let flags = match access {
-            Access::Shared => OFlag::O_RDWR,
-            // A private mapping never writes back, so read access to the object is enough.
-            Access::Private => OFlag::O_RDONLY,
-        };
-        let fd = match shm_open(
-            shm_path(&id).as_str(),
-            flags | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => fd,
-            Err(Errno::ENOENT) => return Err(ShmError::NotFound { id: id.0 }),
-            Err(source) => return Err(os("open", &id, source)),
-        };
-        let stat = fstat(&fd).map_err(|e| os("inspect", &id, e))?;
+        let (id, fd, stat) = open_object(id, access)?;
+        Self::map_opened(id, fd, &stat, access)
+    }
+
+    /// Maps an object `open_object` opened: registers as a reader, then maps all of it.
+    fn map_opened(
+        id: RegionId,
+        fd: OwnedFd,
+        stat: &nix::sys::stat::FileStat,
+        access: Access,
+    ) -> Result<Self, ShmError> {
         let len = usize::try_from(stat.st_size)
             .ok()
             .and_then(NonZeroUsize::new)
@@ -199,6 +199,12 @@ impl Region {
         self.mapping.as_mut_slice()
     }
 
+    /// Copies `data` in at `offset` through a shared reference; see [`Mapping::write_at`].
+    /// `None` when the range passes the end of the region.
+    pub fn write_at(&self, offset: usize, data: &[u8]) -> Option<()> {
+        self.mapping.write_at(offset, data)
+    }
+
     /// Whether any reader (in any process, this one included) still has the region open.
     pub(crate) fn has_readers(&self) -> Result<bool, ShmError> {
         // Who else holds a brokered region is known only to the broker: assume someone does, so
@@ -265,6 +271,61 @@ pub fn open_region(id: &str, access: Access) -> Result<Arc<Region>, ShmError> {
     cache.retain(|_, weak| weak.strong_count() > 0);
     cache.insert(key, Arc::downgrade(&region));
     Ok(region)
+}
+
+/// Like [`open_region`], for POSIX shared memory by name only (never the broker), and for any
+/// valid name, not only ours: the model worker maps the keys Triton-style clients register.
+///
+/// Each call still opens the name, so a name that was unlinked is `NotFound` even while a
+/// mapping of it is cached, and a name that now belongs to a new object maps that object, never
+/// the stale one.
+pub fn open_named_region(id: &str, access: Access) -> Result<Arc<Region>, ShmError> {
+    type Cache = HashMap<(String, Access), (Weak<Region>, Identity)>;
+    static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Default::default);
+    let (region_id, fd, stat) = open_object(id, access)?;
+    let key = (id.to_owned(), access);
+    // Poisoning: as in `open_region`.
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((weak, cached)) = cache.get(&key)
+        && *cached == identity(&stat)
+        && let Some(region) = weak.upgrade()
+    {
+        return Ok(region);
+    }
+    let region = Arc::new(Region::map_opened(region_id, fd, &stat, access)?);
+    cache.retain(|_, (weak, _)| weak.strong_count() > 0);
+    cache.insert(key, (Arc::downgrade(&region), identity(&stat)));
+    Ok(region)
+}
+
+/// Opens the object named `id` for `access`, without mapping it.
+fn open_object(
+    id: &str,
+    access: Access,
+) -> Result<(RegionId, OwnedFd, nix::sys::stat::FileStat), ShmError> {
+    validate_id(id)?;
+    let id = RegionId(id.to_owned());
+    let flags = match access {
+        Access::Shared => OFlag::O_RDWR,
+        // A private mapping never writes back, so read access to the object is enough.
+        Access::Private => OFlag::O_RDONLY,
+    };
+    let fd = match shm_open(
+        shm_path(&id).as_str(),
+        flags | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Err(ShmError::NotFound { id: id.0 }),
+        Err(source) => return Err(os("open", &id, source)),
+    };
+    let stat = fstat(&fd).map_err(|e| os("inspect", &id, e))?;
+    Ok((id, fd, stat))
+}
+
+fn identity(stat: &nix::sys::stat::FileStat) -> Identity {
+    #[allow(clippy::unnecessary_cast)] // the field types differ between targets
+    (stat.st_dev as u64, stat.st_ino as u64)
 }
 
 /// Checks that `id` can name a POSIX shared-memory object: the precise reason when it cannot.
@@ -420,6 +481,44 @@ mod tests {
         assert_eq!(a.as_slice().as_ptr(), b.as_slice().as_ptr());
         let shared = open_region(owner.id(), Access::Shared).unwrap();
         assert_ne!(a.as_slice().as_ptr(), shared.as_slice().as_ptr());
+    }
+
+    #[test]
+    fn open_named_region_refuses_an_unlinked_name_and_maps_a_new_object_under_an_old_name() {
+        let owner = Region::create_named(one_mib()).unwrap();
+        let id = owner.id().to_string();
+        let cached = open_named_region(&id, Access::Private).unwrap();
+        drop(owner);
+        assert!(matches!(
+            open_named_region(&id, Access::Private),
+            Err(ShmError::NotFound { .. })
+        ));
+        // The holder keeps its bytes; a new object under the same name is not the cached one.
+        assert_eq!(cached.len(), 1 << 20);
+        let path = format!("/{id}");
+        let fd = shm_open(
+            path.as_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR,
+            Mode::S_IRUSR | Mode::S_IWUSR,
+        )
+        .unwrap();
+        ftruncate(&fd, 4096).unwrap();
+        let fresh = open_named_region(&id, Access::Private);
+        shm_unlink(path.as_str()).unwrap();
+        let fresh = fresh.unwrap();
+        assert_eq!(fresh.len(), 4096);
+        assert!(!Arc::ptr_eq(&fresh, &cached));
+    }
+
+    #[test]
+    fn write_at_reaches_other_holders_and_refuses_ranges_past_the_end() {
+        let owner = Region::create_named(one_mib()).unwrap();
+        let writer = Region::open_named(owner.id(), Access::Shared).unwrap();
+        writer.write_at(10, b"xyz").unwrap();
+        assert_eq!(&owner.as_slice()[10..13], b"xyz");
+        assert_eq!(writer.write_at((1 << 20) - 2, b"xyz"), None);
+        assert_eq!(writer.write_at(usize::MAX, b"x"), None);
+        assert!(owner.as_slice()[(1 << 20) - 2..].iter().all(|&b| b == 0));
     }
 
     #[test]

@@ -5,12 +5,16 @@ use remotemedia_proto::{
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     },
     inference::{
-        DataType as ConfigDataType, InferTensorContents, ModelConfigRequest, ModelInferRequest,
-        ModelMetadataRequest, ModelReadyRequest, ModelStatisticsRequest, ServerLiveRequest,
-        ServerMetadataRequest, ServerReadyRequest, SystemSharedMemoryStatusRequest,
-        model_infer_request::InferInputTensor,
+        DataType as ConfigDataType, InferParameter, InferTensorContents, ModelConfigRequest,
+        ModelInferRequest, ModelMetadataRequest, ModelReadyRequest, ModelStatisticsRequest,
+        ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
+        SystemSharedMemoryRegisterRequest, SystemSharedMemoryStatusRequest,
+        SystemSharedMemoryUnregisterRequest,
+        infer_parameter::ParameterChoice,
+        model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
     },
 };
+use remotemedia_runtime_core::shm::Region;
 use tonic::Code;
 
 use crate::support::{Client, Worker, request};
@@ -60,7 +64,10 @@ async fn exercise_every_rpc(mut client: Client) {
         .unwrap()
         .into_inner();
     assert_eq!(metadata.name, "remotemedia-model-worker");
-    assert_eq!(metadata.extensions, ["model_configuration", "statistics"]);
+    assert_eq!(
+        metadata.extensions,
+        ["model_configuration", "statistics", "system_shared_memory"]
+    );
 
     let model = client
         .model_metadata(ModelMetadataRequest {
@@ -177,11 +184,79 @@ async fn exercise_every_rpc(mut client: Client) {
         .unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 
-    let shm = client
+    exercise_system_shared_memory(&mut client).await;
+}
+
+/// Registers a region, infers with the input and the output in it, and unregisters it.
+async fn exercise_system_shared_memory(client: &mut Client) {
+    let mut region = Region::create_named(std::num::NonZeroUsize::new(4096).unwrap()).unwrap();
+    region.as_mut_slice()[..8].copy_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    client
+        .system_shared_memory_register(SystemSharedMemoryRegisterRequest {
+            name: "r".into(),
+            key: format!("/{}", region.id()),
+            offset: 0,
+            byte_size: 4096,
+        })
+        .await
+        .unwrap();
+    let status = client
         .system_shared_memory_status(SystemSharedMemoryStatusRequest::default())
         .await
-        .unwrap_err();
-    assert_eq!(shm.code(), Code::Unimplemented);
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.regions["r"].byte_size, 4096);
+
+    let in_region = |offset: i64, byte_size: i64| {
+        let parameter = |choice| InferParameter {
+            parameter_choice: Some(choice),
+        };
+        [
+            (
+                "shared_memory_region".to_owned(),
+                parameter(ParameterChoice::StringParam("r".into())),
+            ),
+            (
+                "shared_memory_offset".to_owned(),
+                parameter(ParameterChoice::Int64Param(offset)),
+            ),
+            (
+                "shared_memory_byte_size".to_owned(),
+                parameter(ParameterChoice::Int64Param(byte_size)),
+            ),
+        ]
+        .into()
+    };
+    let infer = ModelInferRequest {
+        model_name: "identity".into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "INT16".into(),
+            shape: vec![4],
+            parameters: in_region(0, 8),
+            ..Default::default()
+        }],
+        outputs: vec![InferRequestedOutputTensor {
+            name: "OUTPUT0".into(),
+            parameters: in_region(1024, 8),
+        }],
+        ..Default::default()
+    };
+    let response = client.model_infer(infer).await.unwrap().into_inner();
+    assert_eq!(response.outputs[0].shape, [4]);
+    assert!(response.raw_output_contents[0].is_empty());
+    assert_eq!(&region.as_slice()[1024..1032], [1, 2, 3, 4, 5, 6, 7, 8]);
+
+    client
+        .system_shared_memory_unregister(SystemSharedMemoryUnregisterRequest::default())
+        .await
+        .unwrap();
+    let status = client
+        .system_shared_memory_status(SystemSharedMemoryStatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.regions.is_empty());
 }
 
 #[tokio::test]
