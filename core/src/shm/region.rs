@@ -503,6 +503,8 @@ mod tests {
         )
         .unwrap();
         ftruncate(&fd, 4096).unwrap();
+        // Held like an owner holds it, so a cleanup running in another test meanwhile leaves it.
+        let _owner = nix::fcntl::Flock::lock(fd, nix::fcntl::FlockArg::LockShared).unwrap();
         let fresh = open_named_region(&id, Access::Private);
         shm_unlink(path.as_str()).unwrap();
         let fresh = fresh.unwrap();
