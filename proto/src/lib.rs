@@ -1,4 +1,4 @@
-//! RemoteMedia's wire protocol: generated code and nothing else.
+//! RemoteMedia's wire protocol: generated code, and the parameter names of [`params`].
 //!
 //! - [`inference`]: Triton's `inference.GRPCInferenceService` (the KServe v2 / Open Inference
 //!   Protocol plus Triton's statistics, model-configuration and system-shared-memory extensions),
@@ -21,6 +21,8 @@ pub mod inference {
 pub mod broker {
     include!(concat!(env!("OUT_DIR"), "/remotemedia.broker.v1.rs"));
 }
+
+pub mod params;
 
 /// `grpc.health.v1`, as served by `tonic-health`.
 pub use tonic_health as health;

@@ -26,9 +26,10 @@ use crate::{
 };
 
 /// Parameters that place a tensor in shared memory (Triton's system-shared-memory extension).
-const REGION_PARAMETER: &str = "shared_memory_region";
-const OFFSET_PARAMETER: &str = "shared_memory_offset";
-const BYTE_SIZE_PARAMETER: &str = "shared_memory_byte_size";
+use remotemedia_proto::params::{
+    SHARED_MEMORY_BYTE_SIZE as BYTE_SIZE_PARAMETER, SHARED_MEMORY_OFFSET as OFFSET_PARAMETER,
+    SHARED_MEMORY_REGION as REGION_PARAMETER,
+};
 const SHARED_MEMORY_PARAMETERS: [&str; 3] =
     [REGION_PARAMETER, OFFSET_PARAMETER, BYTE_SIZE_PARAMETER];
 

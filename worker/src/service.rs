@@ -17,6 +17,9 @@ use remotemedia_proto::inference::{
     grpc_inference_service_server::GrpcInferenceService, infer_parameter::ParameterChoice,
     model_infer_response::InferOutputTensor,
 };
+use remotemedia_proto::params::{
+    SHARED_MEMORY_BYTE_SIZE, SHARED_MEMORY_OFFSET, SHARED_MEMORY_REGION,
+};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -213,15 +216,15 @@ fn response(
                 };
                 tensor.parameters = [
                     (
-                        "shared_memory_region",
+                        SHARED_MEMORY_REGION,
                         parameter(ParameterChoice::StringParam(reference.region.clone())),
                     ),
                     (
-                        "shared_memory_offset",
+                        SHARED_MEMORY_OFFSET,
                         parameter(ParameterChoice::Uint64Param(reference.offset)),
                     ),
                     (
-                        "shared_memory_byte_size",
+                        SHARED_MEMORY_BYTE_SIZE,
                         parameter(ParameterChoice::Uint64Param(output.data.len() as u64)),
                     ),
                 ]
