@@ -5,8 +5,8 @@
 //! 1. A client on the node holds a brokered region (it allocated it, or opened it by id, on its
 //!    broker session). On `<socket-dir>/infer.sock` — never over TCP — it names the region in an
 //!    input or a requested output with [`BROKERED_REGION`] (the region id, 32 lowercase hex
-//!    digits), [`BROKERED_OFFSET`] and [`BROKERED_BYTE_SIZE`] (int64 or uint64 parameters, relative to the
-//!    region's start), and sends its broker session token as metadata [`SESSION_METADATA`]
+//!    digits), [`BROKERED_OFFSET`] and [`BROKERED_BYTE_SIZE`] (int64 or uint64 parameters,
+//!    relative to the region's start), and sends its broker session token as metadata [`SESSION_METADATA`]
 //!    (32 lowercase hex digits). A region the session does not hold is NOT_FOUND.
 //! 2. The sidecar forwards to a colocated worker with the region replaced by a one-time
 //!    [`BROKERED_GRANT`] (32 lowercase hex digits) and an absolute [`BROKERED_OFFSET`]; the worker
@@ -32,3 +32,8 @@ pub const BROKERED_GRANT: &str = "remotemedia_grant";
 pub const BROKERED_OFFSET: &str = "remotemedia_offset";
 /// Byte length of the tensor in the brokered region (int64 or uint64).
 pub const BROKERED_BYTE_SIZE: &str = "remotemedia_byte_size";
+
+/// Listed in `ServerMetadata.extensions` by a server that accepts [`BROKERED_REGION`] references
+/// (the node sidecar, on its Unix socket only); clients send brokered references only to such a
+/// server.
+pub const BROKERED_EXTENSION: &str = "remotemedia_brokered_shared_memory";
