@@ -6,8 +6,8 @@
 //!    broker session). On `<socket-dir>/infer.sock` — never over TCP — it names the region in an
 //!    input or a requested output with [`BROKERED_REGION`] (the region id, 32 lowercase hex
 //!    digits), [`BROKERED_OFFSET`] and [`BROKERED_BYTE_SIZE`] (int64 or uint64 parameters,
-//!    relative to the region's start), and sends its broker session token as metadata [`SESSION_METADATA`]
-//!    (32 lowercase hex digits). A region the session does not hold is NOT_FOUND.
+//!    relative to the region's start), and sends its broker session token as metadata
+//!    [`SESSION_METADATA`] (32 lowercase hex digits). A region the session does not hold is NOT_FOUND.
 //! 2. The sidecar forwards to a colocated worker with the region replaced by a one-time
 //!    [`BROKERED_GRANT`] (32 lowercase hex digits) and an absolute [`BROKERED_OFFSET`]; the worker
 //!    redeems the grant on its own broker connection. Region ids never reach a worker. A remote
