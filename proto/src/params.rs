@@ -7,13 +7,14 @@
 //!    input or a requested output with [`BROKERED_REGION`] (the region id, 32 lowercase hex
 //!    digits), [`BROKERED_OFFSET`] and [`BROKERED_BYTE_SIZE`] (int64 or uint64 parameters,
 //!    relative to the region's start), and sends its broker session token as metadata
-//!    [`SESSION_METADATA`] (32 lowercase hex digits). A region the session does not hold is NOT_FOUND.
+//!    [`SESSION_METADATA`] (32 lowercase hex digits). A region the session does not hold is
+//!    NOT_FOUND.
 //! 2. The sidecar forwards to a colocated worker with the region replaced by a one-time
 //!    [`BROKERED_GRANT`] (32 lowercase hex digits) and an absolute [`BROKERED_OFFSET`]; the worker
 //!    redeems the grant on its own broker connection. Region ids never reach a worker. A remote
 //!    worker receives the bytes inline instead.
 //! 3. An output written into a brokered region comes back carrying the same three parameters and
-//!    no `raw_output_contents` entry, as Triton does for its shared-memory outputs.
+//!    an empty `raw_output_contents` entry, as the worker answers for Triton's shared memory.
 
 /// Triton: the registered region an input is read from or an output is written to.
 pub const SHARED_MEMORY_REGION: &str = "shared_memory_region";
