@@ -34,9 +34,10 @@ gpu-check: ## Build the worker and a folder (target/gpu-check) that checks it on
 fmt: ## Format the Rust code
 	cargo fmt --all
 
-crds: ## Regenerate crds/modelworker.yaml from the Rust types in crds/src
+crds: ## Regenerate crds/modelworker.yaml from the Rust types in crds/src, and the chart's copy
 	cargo run --locked -q -p remotemedia-crds --example crdgen > crds/modelworker.yaml.tmp
 	mv crds/modelworker.yaml.tmp crds/modelworker.yaml
+	cp crds/modelworker.yaml charts/remotemedia/files/modelworker.yaml
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)

@@ -53,8 +53,8 @@ cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 cargo clippy -p remotemedia-model-worker --all-targets --locked -- -D warnings
 echo "=== generated files"
 make -s crds
-git diff --exit-code -- crds/modelworker.yaml ||
-  { echo "failed: crds/modelworker.yaml differs from crds/src: run \`make crds\` and commit it" >&2; exit 1; }
+git diff --exit-code -- crds/modelworker.yaml charts/remotemedia/files/modelworker.yaml ||
+  { echo "failed: crds/modelworker.yaml or the chart's copy differs from crds/src: run \`make crds\` and commit them" >&2; exit 1; }
 
 run_tier unit cargo test --workspace --locked "${features[@]}" --lib --bins
 # Examples are programs written against the crates' public API only; each asserts what it shows.
