@@ -13,6 +13,45 @@ use kube::{
     config::{AuthInfo, InferConfigError},
 };
 
+/// A file of the repository, by its path from the root.
+pub fn repo(path: &str) -> String {
+    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What one run of a command-line program printed.
+pub struct Run {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `program` from PATH (`e2e/cluster.sh env` puts kubectl and helm there, against
+/// KUBECONFIG's cluster) with `stdin` as its input. A program that cannot start fails the test.
+pub fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Run {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("failed to start {program} (is it on PATH?): {e}"));
+    let mut input = child.stdin.take().expect("stdin is piped");
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .unwrap_or_else(|e| panic!("failed to write the input of {program}: {e}"));
+    drop(input);
+    let output = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("failed to wait for {program}: {e}"));
+    Run {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
 /// How often [`wait_until`] probes.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
