@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv python-sdk fmt bench fuzz models gpu-check crds cluster-up cluster-down e2e
+.PHONY: help setup demo test venv python-sdk fmt bench fuzz models gpu-check crds cluster-up cluster-down e2e images
 
 help: ## List the recipes
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -59,3 +59,12 @@ cluster-down: ## Stop the local control plane; fails if a port stays open
 
 e2e: ## Run only the end-to-end tier: control plane up, e2e tests, control plane down
 	@e2e/test.sh
+
+IMAGE_BUILDER ?= docker
+IMAGE_REGISTRY ?= remotemedia
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' charts/remotemedia/Chart.yaml)
+images: ## Build the operator, sidecar and worker (cpu, cuda) images the chart names (IMAGE_BUILDER=docker|podman|buildah)
+	$(IMAGE_BUILDER) build -f images/operator.Dockerfile -t $(IMAGE_REGISTRY)/remotemedia-operator:$(IMAGE_TAG) .
+	$(IMAGE_BUILDER) build -f images/sidecar.Dockerfile -t $(IMAGE_REGISTRY)/remotemedia-sidecar:$(IMAGE_TAG) .
+	$(IMAGE_BUILDER) build -f images/worker.Dockerfile --target cpu -t $(IMAGE_REGISTRY)/remotemedia-model-worker:$(IMAGE_TAG) .
+	$(IMAGE_BUILDER) build -f images/worker.Dockerfile --target cuda -t $(IMAGE_REGISTRY)/remotemedia-model-worker-cuda:$(IMAGE_TAG) .

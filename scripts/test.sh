@@ -56,6 +56,9 @@ make -s crds
 git diff --exit-code -- crds/modelworker.yaml charts/remotemedia/files/modelworker.yaml ||
   { echo "failed: crds/modelworker.yaml or the chart's copy differs from crds/src: run \`make crds\` and commit them" >&2; exit 1; }
 
+echo "=== Dockerfiles"
+images/lint.sh
+
 run_tier unit cargo test --workspace --locked "${features[@]}" --lib --bins
 # Examples are programs written against the crates' public API only; each asserts what it shows.
 echo "=== examples"

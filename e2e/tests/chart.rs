@@ -860,3 +860,28 @@ async fn the_operator_service_account_holds_exactly_the_committed_permissions() 
     helm_ok(&["uninstall", &release, "-n", &ns.name]);
     ns.delete().await
 }
+
+#[test]
+fn the_default_images_are_the_ones_make_images_builds() {
+    let plan = run("make", &["-s", "-n", "-C", &repo(""), "images"], None);
+    assert!(plan.success, "make -n images failed: {}", plan.stderr);
+    let mut built: Vec<&str> = plan
+        .stdout
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .filter(|pair| pair[0] == "-t")
+        .map(|pair| pair[1])
+        .collect();
+    built.sort();
+    let objects = render(&[]);
+    let operator = container(operator_deployment(&objects), "operator");
+    let mut named = vec![
+        str_of(&operator["image"]),
+        str_of(&container(sidecar_daemonset(&objects), "sidecar")["image"]),
+        env_value(operator, "REMOTEMEDIA_OPERATOR_WORKER_IMAGE").unwrap(),
+        env_value(operator, "REMOTEMEDIA_OPERATOR_WORKER_CUDA_IMAGE").unwrap(),
+    ];
+    named.sort();
+    assert_eq!(built, named);
+}
