@@ -885,3 +885,26 @@ fn the_default_images_are_the_ones_make_images_builds() {
     named.sort();
     assert_eq!(built, named);
 }
+
+#[test]
+fn the_sidecar_may_only_watch_endpoints_and_model_workers_and_scale_them() {
+    let objects = render(&[]);
+    let role = object(&objects, "ClusterRole", "rm-remotemedia-sidecar");
+    assert_eq!(
+        role["rules"],
+        json!([
+            { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"] },
+            { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers"], "verbs": ["list", "watch"] },
+            { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers/scale"], "verbs": ["get", "patch", "update"] },
+        ])
+    );
+    let binding = object(&objects, "ClusterRoleBinding", "rm-remotemedia-sidecar");
+    assert_eq!(
+        binding["subjects"],
+        json!([{ "kind": "ServiceAccount", "name": "rm-remotemedia-sidecar", "namespace": "remotemedia" }])
+    );
+    assert_eq!(
+        sidecar_daemonset(&objects)["spec"]["template"]["spec"]["serviceAccountName"],
+        "rm-remotemedia-sidecar"
+    );
+}
