@@ -103,6 +103,17 @@ fn outgoing<T>(message: T, metadata: &MetadataMap, deadline: Option<Instant>) ->
     request
 }
 
+/// A call that failed because the worker is not there: UNAVAILABLE (connection refused, worker
+/// draining), or the connection breaking mid-call (a killed worker), which tonic reports as
+/// UNKNOWN with the transport error as its source. A status the worker sent has no source.
+fn worker_failed(status: &Status) -> bool {
+    match status.code() {
+        Code::Unavailable => true,
+        Code::Unknown => std::error::Error::source(status).is_some(),
+        _ => false,
+    }
+}
+
 fn code_name(code: Code) -> &'static str {
     match code {
         Code::Ok => "ok",
@@ -221,7 +232,7 @@ impl RouterService {
                     self.metrics.forwarded(*path, inline + returned);
                     return Ok(response);
                 }
-                Err(status) if status.code() == Code::Unavailable => {
+                Err(status) if worker_failed(&status) => {
                     tracing::info!(
                         endpoint = %route.worker.address,
                         message = status.message(),
@@ -265,10 +276,7 @@ macro_rules! forward {
             .client()
             .$method(outgoing(message, &metadata, deadline(&metadata)))
             .await;
-        if answer
-            .as_ref()
-            .is_err_and(|s| s.code() == Code::Unavailable)
-        {
+        if answer.as_ref().is_err_and(worker_failed) {
             route.worker.mark_down();
         }
         answer

@@ -1,0 +1,647 @@
+//! The inference router with real processes: the sidecar binary with static discovery, model
+//! workers (the worker binary's built-in models), and clients in this test process that make
+//! regions through the broker and call the sidecar over `infer.sock` (or TCP). Zero-copy is
+//! judged from outside: `/proc/<pid>/io` of the sidecar and the worker.
+
+#[path = "../../core/tests/support/built.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use remotemedia_proto::inference::{
+    InferParameter, ModelInferRequest, ModelInferResponse, ServerLiveRequest,
+    ServerMetadataRequest,
+    grpc_inference_service_client::GrpcInferenceServiceClient,
+    infer_parameter::ParameterChoice,
+    model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
+};
+use remotemedia_proto::params::{
+    BROKERED_BYTE_SIZE, BROKERED_EXTENSION, BROKERED_OFFSET, BROKERED_REGION, SESSION_METADATA,
+};
+use remotemedia_runtime_core::shm::broker::{BrokerClient, RegionHandle, RegionKey};
+use remotemedia_runtime_core::shm::{Access, Region};
+use support::built;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Request};
+
+const MIB: usize = 1 << 20;
+/// Room for a 256 MiB tensor inline, on both the sidecar and the worker.
+const MAX_MESSAGE: &str = "314572800";
+const NODE: &str = "node-a";
+
+type Client = GrpcInferenceServiceClient<Channel>;
+
+/// A fresh directory (socket directory, discovery file, logs), removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let random = RegionKey::random().unwrap().to_hex();
+        let path = std::env::temp_dir().join(format!("rm-router-{name}-{}", &random[..8]));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Process {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// `rchar + wchar` from `/proc/<pid>/io`: every byte the process moved through read- and
+    /// write-like system calls (sockets included), whatever its own counters say.
+    fn io_bytes(&self) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap();
+        text.lines()
+            .filter_map(|line| {
+                let (key, value) = line.split_once(": ")?;
+                matches!(key, "rchar" | "wchar").then(|| value.trim().parse::<u64>().unwrap())
+            })
+            .sum()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    fn alive(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Sidecar {
+    process: Process,
+    dir: PathBuf,
+    workers: PathBuf,
+    admin_port: u16,
+    tcp_port: u16,
+}
+
+impl Sidecar {
+    async fn start(dir: &TempDir, extra: &[&str]) -> Self {
+        let workers = dir.0.join("workers.yaml");
+        std::fs::write(&workers, "").unwrap();
+        let (admin_port, tcp_port) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.0.join("sidecar.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_remotemedia-sidecar"))
+            .arg("--socket-dir")
+            .arg(&dir.0)
+            .args(["--admin-address", "127.0.0.1", "--admin-port"])
+            .arg(admin_port.to_string())
+            .args(["--port", &tcp_port.to_string()])
+            .args(["--discovery", "static", "--workers"])
+            .arg(&workers)
+            .args(["--node-name", NODE, "--max-message-bytes", MAX_MESSAGE])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stderr(log)
+            .spawn()
+            .expect("spawn sidecar");
+        let mut sidecar = Self {
+            process: Process(child),
+            dir: dir.0.clone(),
+            workers,
+            admin_port,
+            tcp_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dir.0.join("infer.sock").exists() || sidecar.metrics().await.is_none() {
+            assert!(sidecar.process.alive(), "sidecar exited: {}", sidecar.log());
+            assert!(Instant::now() < deadline, "sidecar did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sidecar
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()
+    }
+
+    /// Replaces the discovery file: `(model, worker, node)` per endpoint.
+    fn discover(&self, endpoints: &[(&str, &Worker, &str)]) {
+        let text: String = endpoints
+            .iter()
+            .map(|(model, worker, node)| {
+                format!(
+                    "- {{model: {model}, address: '127.0.0.1:{}', node: {node}}}\n",
+                    worker.port
+                )
+            })
+            .collect();
+        // Written beside and renamed over, so the sidecar never reads half a file.
+        let fresh = self.workers.with_extension("new");
+        std::fs::write(&fresh, text).unwrap();
+        std::fs::rename(fresh, &self.workers).unwrap();
+    }
+
+    async fn unix_client(&self) -> Client {
+        let path = self.dir.join("infer.sock");
+        // The URI is required by the API but unused: the connector dials the socket.
+        let channel = Endpoint::from_static("http://sidecar.invalid")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    async fn tcp_client(&self) -> Client {
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{}", self.tcp_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        GrpcInferenceServiceClient::new(channel)
+    }
+
+    async fn metrics(&self) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+            .await
+            .ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    }
+
+    async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics().await.unwrap_or_default();
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+struct Worker {
+    process: Process,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Worker {
+    /// Starts the worker binary serving `model_path` as `model_id`, redeeming grants at
+    /// `broker` when given, and waits until it is ready.
+    async fn start(dir: &TempDir, model_id: &str, model_path: &str, broker: Option<&Path>) -> Self {
+        let (port, admin_port) = (free_port(), free_port());
+        let log = dir.0.join(format!("worker-{port}.log"));
+        let mut command = Command::new(built("remotemedia-model-worker"));
+        command
+            .args(["--model-id", model_id, "--model-path", model_path])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--admin-port",
+                &admin_port.to_string(),
+            ])
+            .args([
+                "--allow-named-shm",
+                "false",
+                "--max-message-bytes",
+                MAX_MESSAGE,
+            ])
+            .args(["--drain-delay", "0s"])
+            .arg("--termination-log")
+            .arg(dir.0.join("termination-log"))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(broker) = broker {
+            command.arg("--broker").arg(broker);
+        }
+        let mut worker = Self {
+            process: Process(command.spawn().unwrap()),
+            port,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = tokio::net::TcpStream::connect(("127.0.0.1", admin_port))
+                .await
+                .is_ok()
+                && readyz(admin_port).await;
+            if ready {
+                return worker;
+            }
+            assert!(
+                worker.process.alive() && Instant::now() < deadline,
+                "worker not ready: {}",
+                std::fs::read_to_string(&worker.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// How many memfd mappings the worker has (`/proc/<pid>/maps`).
+    fn memfd_mappings(&self) -> usize {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.process.pid()))
+            .unwrap()
+            .lines()
+            .filter(|line| line.contains("memfd:"))
+            .count()
+    }
+}
+
+async fn readyz(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let request = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut response = String::new();
+    stream.write_all(request).await.is_ok()
+        && stream.read_to_string(&mut response).await.is_ok()
+        && response.starts_with("HTTP/1.1 200")
+}
+
+/// A region of `len` bytes allocated by `client` and mapped here, filled by `fill(i)`.
+fn region(
+    client: &BrokerClient,
+    len: usize,
+    fill: impl Fn(usize) -> u8,
+) -> (Arc<RegionHandle>, Region) {
+    let handle = client.allocate(len as u64, "").unwrap();
+    let mut mapped = Region::from_handle(handle.clone(), Access::Shared).unwrap();
+    for (i, byte) in mapped.as_mut_slice()[..len].iter_mut().enumerate() {
+        *byte = fill(i);
+    }
+    (handle, mapped)
+}
+
+fn brokered(key: RegionKey, offset: u64, byte_size: u64) -> HashMap<String, InferParameter> {
+    let param = |choice| InferParameter {
+        parameter_choice: Some(choice),
+    };
+    HashMap::from([
+        (
+            BROKERED_REGION.into(),
+            param(ParameterChoice::StringParam(key.to_hex())),
+        ),
+        (
+            BROKERED_OFFSET.into(),
+            param(ParameterChoice::Int64Param(offset as i64)),
+        ),
+        (
+            BROKERED_BYTE_SIZE.into(),
+            param(ParameterChoice::Int64Param(byte_size as i64)),
+        ),
+    ])
+}
+
+/// One UINT8 input `INPUT0` of `len` bytes in a brokered region.
+fn brokered_request(model: &str, key: RegionKey, offset: u64, len: usize) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "UINT8".into(),
+            shape: vec![len as i64],
+            parameters: brokered(key, offset, len as u64),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn inline_request(model: &str, data: Vec<u8>) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "UINT8".into(),
+            shape: vec![data.len() as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::from(data)],
+        ..Default::default()
+    }
+}
+
+fn with_session<T>(message: T, client: &BrokerClient) -> Request<T> {
+    let mut request = Request::new(message);
+    let token = client.session_token().unwrap().to_hex();
+    request
+        .metadata_mut()
+        .insert(SESSION_METADATA, token.parse().unwrap());
+    request
+}
+
+/// The `CHECKSUM` output of the checksum model: the sum of the input's bytes.
+fn checksum(response: &ModelInferResponse) -> u64 {
+    u64::from_le_bytes(response.raw_output_contents[0][..8].try_into().unwrap())
+}
+
+fn expected_sum(bytes: &[u8]) -> u64 {
+    bytes.iter().map(|&b| u64::from(b)).sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_256_mib_colocated_inference_moves_no_tensor_bytes_through_system_calls_and_a_remote_one_does()
+ {
+    let dir = TempDir::new("io");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let near = Worker::start(&dir, "near", "builtin://checksum", Some(&dir.0)).await;
+    let far = Worker::start(&dir, "far", "builtin://checksum", None).await;
+    sidecar.discover(&[("near", &near, NODE), ("ns/far", &far, "node-b")]);
+    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
+    let len = 256 * MIB;
+    let (handle, mapped) = region(&broker, len, |i| (i % 251) as u8);
+    let expected = expected_sum(&mapped.as_slice()[..len]);
+    let mut client = sidecar.unix_client().await;
+    let metadata = client
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap();
+    assert!(
+        metadata
+            .get_ref()
+            .extensions
+            .iter()
+            .any(|e| e == BROKERED_EXTENSION)
+    );
+    // Until the endpoints file is re-read the model is held, not refused.
+    let infer = |model: &str| with_session(brokered_request(model, handle.key(), 0, len), &broker);
+
+    let before = (sidecar.process.io_bytes(), near.process.io_bytes());
+    let response = client
+        .model_infer(infer("near"))
+        .await
+        .unwrap()
+        .into_inner();
+    let after = (sidecar.process.io_bytes(), near.process.io_bytes());
+    assert_eq!(checksum(&response), expected);
+    let moved = (after.0 - before.0) + (after.1 - before.1);
+    eprintln!("colocated 256 MiB inference: {moved} bytes through system calls");
+    assert!(
+        moved < MIB as u64,
+        "colocated: {moved} bytes through system calls"
+    );
+
+    // Again: the worker redeems the new grant as the region it already maps.
+    let mappings = near.memfd_mappings();
+    let response = client
+        .model_infer(infer("near"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(checksum(&response), expected);
+    assert_eq!(
+        near.memfd_mappings(),
+        mappings,
+        "the region was mapped again"
+    );
+
+    let before = (sidecar.process.io_bytes(), far.process.io_bytes());
+    let response = client.model_infer(infer("far")).await.unwrap().into_inner();
+    let after = (sidecar.process.io_bytes(), far.process.io_bytes());
+    assert_eq!(checksum(&response), expected);
+    let moved = (after.0 - before.0) + (after.1 - before.1);
+    eprintln!("remote 256 MiB inference: {moved} bytes through system calls");
+    assert!(
+        moved >= len as u64,
+        "remote: only {moved} bytes through system calls"
+    );
+    assert_eq!(
+        sidecar
+            .metric(
+                "remotemedia_sidecar_inference_requests_total{path=\"shm_local\",outcome=\"ok\"}"
+            )
+            .await,
+        2.0
+    );
+    assert_eq!(
+        sidecar
+            .metric("remotemedia_sidecar_inference_requests_total{path=\"inline_remote\",outcome=\"ok\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_requested_in_a_region_are_written_there_on_both_paths() {
+    let dir = TempDir::new("outputs");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let near = Worker::start(&dir, "near", "builtin://identity", Some(&dir.0)).await;
+    let far = Worker::start(&dir, "far", "builtin://identity", None).await;
+    sidecar.discover(&[("near", &near, NODE), ("far", &far, "node-b")]);
+    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
+    let len = MIB;
+    let (input, _input_map) = region(&broker, len, |i| (i % 13) as u8);
+    let mut client = sidecar.unix_client().await;
+    for model in ["near", "far"] {
+        let (output, output_map) = region(&broker, len + 4096, |_| 0xEE);
+        let mut request = brokered_request(model, input.key(), 0, len);
+        request.outputs = vec![InferRequestedOutputTensor {
+            name: "OUTPUT0".into(),
+            parameters: brokered(output.key(), 4096, len as u64),
+        }];
+        let response = client
+            .model_infer(with_session(request, &broker))
+            .await
+            .unwrap()
+            .into_inner();
+        let written = &output_map.as_slice()[4096..4096 + len];
+        assert!(
+            written
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 13) as u8),
+            "{model}"
+        );
+        assert!(
+            output_map.as_slice()[..4096].iter().all(|&b| b == 0xEE),
+            "{model}"
+        );
+        assert!(
+            response.raw_output_contents.iter().all(Bytes::is_empty),
+            "{model}"
+        );
+        let parameters = &response.outputs[0].parameters;
+        assert_eq!(
+            parameters[BROKERED_REGION].parameter_choice,
+            Some(ParameterChoice::StringParam(output.key().to_hex())),
+            "{model}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_region_the_session_does_not_hold_is_not_found_and_brokered_references_over_tcp_are_refused()
+ {
+    let dir = TempDir::new("access");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let worker = Worker::start(&dir, "identity", "builtin://identity", Some(&dir.0)).await;
+    sidecar.discover(&[("identity", &worker, NODE)]);
+    let owner = BrokerClient::connect(&dir.0, "owner").unwrap();
+    let other = BrokerClient::connect(&dir.0, "other").unwrap();
+    let (victim, victim_map) = region(&owner, 4096, |i| i as u8);
+    let (own, _own_map) = region(&other, 4096, |_| 7);
+    let mut client = sidecar.unix_client().await;
+
+    // The victim's id, learned out of band, but never opened through the broker.
+    let as_input = brokered_request("identity", victim.key(), 0, 4096);
+    let status = client
+        .model_infer(with_session(as_input.clone(), &other))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let mut as_output = brokered_request("identity", own.key(), 0, 4096);
+    as_output.outputs = vec![InferRequestedOutputTensor {
+        name: "OUTPUT0".into(),
+        parameters: brokered(victim.key(), 0, 4096),
+    }];
+    let status = client
+        .model_infer(with_session(as_output, &other))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        victim_map
+            .as_slice()
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == i as u8)
+    );
+    // A forged id answers exactly the same.
+    let forged = brokered_request("identity", RegionKey::random().unwrap(), 0, 4096);
+    let status = client
+        .model_infer(with_session(forged, &other))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    let mut tcp = sidecar.tcp_client().await;
+    let metadata = tcp.server_metadata(ServerMetadataRequest {}).await.unwrap();
+    assert!(
+        !metadata
+            .get_ref()
+            .extensions
+            .iter()
+            .any(|e| e == BROKERED_EXTENSION)
+    );
+    let status = tcp
+        .model_infer(with_session(as_input, &owner))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("Unix socket"), "{status:?}");
+    // Inline requests over TCP are routed as usual.
+    let response = tcp
+        .model_infer(inline_request("identity", vec![1, 2, 3]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.raw_output_contents[0].as_ref(), [1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_fail_over_when_a_worker_is_killed_and_the_model_is_named_when_none_is_left() {
+    let dir = TempDir::new("retry");
+    let sidecar = Sidecar::start(&dir, &["--hold-timeout", "1s"]).await;
+    let model = "builtin://checksum?infer_delay_ms=1500";
+    let mut first = Worker::start(&dir, "slow", model, None).await;
+    let mut second = Worker::start(&dir, "slow", model, None).await;
+    sidecar.discover(&[("slow", &first, NODE), ("slow", &second, NODE)]);
+    let client = sidecar.unix_client().await;
+    let calls: Vec<_> = (0..6u8)
+        .map(|n| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .model_infer(inline_request("slow", vec![n; 10]))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.process.kill();
+    for (n, call) in calls.into_iter().enumerate() {
+        let response = call
+            .await
+            .unwrap()
+            .unwrap_or_else(|status| panic!("request {n}: {status:?}"));
+        assert_eq!(checksum(response.get_ref()), 10 * n as u64);
+    }
+    second.process.kill();
+    let status = client
+        .clone()
+        .model_infer(inline_request("slow", vec![1]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("'slow'"), "{status:?}");
+    client
+        .clone()
+        .server_live(ServerLiveRequest {})
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_held_for_a_model_without_workers_completes_once_one_is_discovered() {
+    let dir = TempDir::new("hold");
+    let sidecar = Sidecar::start(&dir, &["--hold-timeout", "60s"]).await;
+    let mut client = sidecar.unix_client().await;
+    let held =
+        tokio::spawn(async move { client.model_infer(inline_request("late", vec![2; 5])).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sidecar.metric("remotemedia_sidecar_held_requests").await != 1.0 {
+        assert!(Instant::now() < deadline, "the request was not held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let worker = Worker::start(&dir, "late", "builtin://checksum", None).await;
+    sidecar.discover(&[("late", &worker, "node-b")]);
+    let response = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("still held")
+        .unwrap()
+        .unwrap();
+    assert_eq!(checksum(response.get_ref()), 10);
+    assert_eq!(
+        sidecar.metric("remotemedia_sidecar_held_requests").await,
+        0.0
+    );
+}
