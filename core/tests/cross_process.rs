@@ -7,7 +7,7 @@ mod support;
 use support::built;
 
 use std::io::{BufRead, BufReader, Lines, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use remotemedia_runtime_core::shm::{ShmError, cleanup_dead_regions};

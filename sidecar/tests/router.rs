@@ -16,16 +16,26 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 use remotemedia_proto::inference::{
-    InferParameter, ModelInferRequest, ModelInferResponse, ServerLiveRequest,
-    ServerMetadataRequest,
+    InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+    ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse,
+    SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
+    SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
     grpc_inference_service_client::GrpcInferenceServiceClient,
+    grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer},
     infer_parameter::ParameterChoice,
     model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
+    model_infer_response::InferOutputTensor,
 };
 use remotemedia_proto::params::{
-    BROKERED_BYTE_SIZE, BROKERED_EXTENSION, BROKERED_OFFSET, BROKERED_REGION, SESSION_METADATA,
+    BROKERED_BYTE_SIZE, BROKERED_EXTENSION, BROKERED_GRANT, BROKERED_OFFSET, BROKERED_REGION,
+    SESSION_METADATA,
 };
-use remotemedia_runtime_core::shm::broker::{BrokerClient, RegionHandle, RegionKey};
+use remotemedia_runtime_core::shm::broker::{
+    BrokerClient, ErrorCode, GrantToken, RegionHandle, RegionKey,
+};
 use remotemedia_runtime_core::shm::{Access, Region};
 use support::built;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -150,13 +160,19 @@ impl Sidecar {
 
     /// Replaces the discovery file: `(model, worker, node)` per endpoint.
     fn discover(&self, endpoints: &[(&str, &Worker, &str)]) {
+        let ports: Vec<_> = endpoints
+            .iter()
+            .map(|(model, worker, node)| (*model, worker.port, *node))
+            .collect();
+        self.discover_ports(&ports);
+    }
+
+    /// Replaces the discovery file: `(model, port on 127.0.0.1, node)` per endpoint.
+    fn discover_ports(&self, endpoints: &[(&str, u16, &str)]) {
         let text: String = endpoints
             .iter()
-            .map(|(model, worker, node)| {
-                format!(
-                    "- {{model: {model}, address: '127.0.0.1:{}', node: {node}}}\n",
-                    worker.port
-                )
+            .map(|(model, port, node)| {
+                format!("- {{model: {model}, address: '127.0.0.1:{port}', node: {node}}}\n")
             })
             .collect();
         // Written beside and renamed over, so the sidecar never reads half a file.
@@ -644,4 +660,174 @@ async fn a_request_held_for_a_model_without_workers_completes_once_one_is_discov
         sidecar.metric("remotemedia_sidecar_held_requests").await,
         0.0
     );
+}
+
+/// What the fake worker saw: the request's two grants and what the broker answered.
+#[derive(Default)]
+struct Seen {
+    grants: Vec<GrantToken>,
+    first_redeemed: bool,
+    other_connection: Option<Option<ErrorCode>>,
+}
+
+/// A worker that redeems the grants it is sent itself: the first on its own session, the
+/// second on another connection.
+struct FakeWorker {
+    own: BrokerClient,
+    intruder: BrokerClient,
+    seen: Arc<std::sync::Mutex<Seen>>,
+}
+
+fn grant_of(parameters: &HashMap<String, InferParameter>) -> GrantToken {
+    match &parameters[BROKERED_GRANT].parameter_choice {
+        Some(ParameterChoice::StringParam(hex)) => GrantToken::parse_hex(hex).unwrap(),
+        other => panic!("grant parameter {other:?}"),
+    }
+}
+
+type Answer<T> = Result<tonic::Response<T>, tonic::Status>;
+
+fn unimplemented<T>() -> Answer<T> {
+    Err(tonic::Status::unimplemented("fake worker"))
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for FakeWorker {
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Answer<ModelInferResponse> {
+        let request = request.into_inner();
+        assert!(
+            !request.inputs[0].parameters.contains_key(BROKERED_REGION),
+            "an id reached the worker"
+        );
+        let input = grant_of(&request.inputs[0].parameters);
+        let output = grant_of(&request.outputs[0].parameters);
+        let (own, intruder) = (self.own.clone(), self.intruder.clone());
+        let (first, other) = tokio::task::spawn_blocking(move || {
+            let first = own.redeem(input).map(|redeemed| redeemed.fd.is_some());
+            let other = intruder.redeem(output).err().map(|error| error.code());
+            (first, other)
+        })
+        .await
+        .unwrap();
+        let mut seen = self.seen.lock().unwrap();
+        seen.grants = vec![input, output];
+        seen.first_redeemed = first.unwrap();
+        seen.other_connection = other;
+        Ok(tonic::Response::new(ModelInferResponse {
+            model_name: request.model_name,
+            outputs: vec![InferOutputTensor {
+                name: "OUTPUT0".into(),
+                datatype: "UINT8".into(),
+                shape: vec![4096],
+                ..Default::default()
+            }],
+            raw_output_contents: vec![Bytes::new()],
+            ..Default::default()
+        }))
+    }
+
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Answer<ServerLiveResponse> {
+        unimplemented()
+    }
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Answer<ServerReadyResponse> {
+        unimplemented()
+    }
+    async fn model_ready(&self, _: Request<ModelReadyRequest>) -> Answer<ModelReadyResponse> {
+        unimplemented()
+    }
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Answer<ServerMetadataResponse> {
+        unimplemented()
+    }
+    async fn model_metadata(
+        &self,
+        _: Request<ModelMetadataRequest>,
+    ) -> Answer<ModelMetadataResponse> {
+        unimplemented()
+    }
+    type ModelStreamInferStream =
+        tokio_stream::Empty<Result<ModelStreamInferResponse, tonic::Status>>;
+    async fn model_stream_infer(
+        &self,
+        _: Request<tonic::Streaming<ModelInferRequest>>,
+    ) -> Answer<Self::ModelStreamInferStream> {
+        unimplemented()
+    }
+    async fn model_config(&self, _: Request<ModelConfigRequest>) -> Answer<ModelConfigResponse> {
+        unimplemented()
+    }
+    async fn model_statistics(
+        &self,
+        _: Request<ModelStatisticsRequest>,
+    ) -> Answer<ModelStatisticsResponse> {
+        unimplemented()
+    }
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Answer<SystemSharedMemoryStatusResponse> {
+        unimplemented()
+    }
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Answer<SystemSharedMemoryRegisterResponse> {
+        unimplemented()
+    }
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Answer<SystemSharedMemoryUnregisterResponse> {
+        unimplemented()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_is_refused_to_another_connection_and_after_its_request_finished() {
+    let dir = TempDir::new("grants");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let own = BrokerClient::connect(&dir.0, "worker").unwrap();
+    let fake = FakeWorker {
+        own: own.clone(),
+        intruder: BrokerClient::connect(&dir.0, "intruder").unwrap(),
+        seen: seen.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let routes = tonic::service::Routes::new(GrpcInferenceServiceServer::new(fake));
+    tokio::spawn(axum::serve(listener, routes.into_axum_router()).into_future());
+    sidecar.discover_ports(&[("fake", port, NODE)]);
+
+    let app = BrokerClient::connect(&dir.0, "app").unwrap();
+    let (input, _input_map) = region(&app, 4096, |i| i as u8);
+    let (output, _output_map) = region(&app, 4096, |_| 0);
+    let mut request = brokered_request("fake", input.key(), 0, 4096);
+    request.outputs = vec![InferRequestedOutputTensor {
+        name: "OUTPUT0".into(),
+        parameters: brokered(output.key(), 0, 4096),
+    }];
+    let mut client = sidecar.unix_client().await;
+    client
+        .model_infer(with_session(request, &app))
+        .await
+        .unwrap();
+
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.first_redeemed,
+        "the worker's own redemption brought the descriptor"
+    );
+    assert_eq!(
+        seen.other_connection,
+        Some(Some(ErrorCode::NotFound)),
+        "another connection redeemed a grant of the request"
+    );
+    for grant in &seen.grants {
+        // The replayed grant, and the one never redeemed: both died with the request.
+        let refused = own.redeem(*grant).unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::NotFound), "{refused}");
+    }
 }
