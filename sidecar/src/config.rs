@@ -88,6 +88,18 @@ pub struct Args {
     /// Most inferences waiting at once; more are refused with UNAVAILABLE.
     #[arg(long, env = "REMOTEMEDIA_SIDECAR_MAX_HELD", default_value_t = defaults::MAX_HELD)]
     pub max_held: usize,
+    /// Serve Triton's system shared memory through the sidecar: clients register POSIX objects
+    /// by key (scoped to their connection) and the sidecar sends the bytes to workers inline.
+    /// It trusts every pod sharing the node's `/dev/shm`, so it is off by default.
+    #[arg(
+        long,
+        env = "REMOTEMEDIA_SIDECAR_ALLOW_NAMED_SHM",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_named_shm: bool,
     /// Largest gRPC message received from clients or workers, in bytes.
     #[arg(long, env = "REMOTEMEDIA_SIDECAR_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -104,6 +116,7 @@ pub struct Config {
     pub tcp: Option<std::net::SocketAddr>,
     /// The static discovery file, when discovery is static.
     pub workers: Option<PathBuf>,
+    pub allow_named_shm: bool,
     pub router: RouterConfig,
 }
 
@@ -143,6 +156,7 @@ impl Args {
             node_name,
             hold_timeout,
             max_held,
+            allow_named_shm,
             max_message_bytes,
         } = self;
         for (flag, value) in [
@@ -183,6 +197,7 @@ impl Args {
             },
             tcp: port.map(|port| std::net::SocketAddr::new(listen_address, port)),
             workers,
+            allow_named_shm,
             router: RouterConfig {
                 node_name,
                 hold_timeout: Duration::from(hold_timeout),

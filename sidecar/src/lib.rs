@@ -19,6 +19,8 @@ pub use config::{Args, Config, ConfigError};
 use remotemedia_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use remotemedia_runtime_core::shm::broker::{BROKER_SOCKET, socket};
 
+use router::connection::{ConnectionId, Tracked};
+use router::named::NamedRegistry;
 use router::{Discovery, RouterService, StaticFile, Transport};
 
 /// The router's Unix socket inside the socket directory.
@@ -64,6 +66,7 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
         limits,
         tcp,
         workers,
+        allow_named_shm,
         router: router_config,
     } = config;
     raise_descriptor_limit();
@@ -102,18 +105,28 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
     };
     let max_message_bytes = router_config.max_message_bytes;
     let router = router::Router::new(router_config, endpoints, metrics.held());
+    let named = Arc::new(NamedRegistry::new(allow_named_shm));
     let grpc = |transport| {
-        let service = RouterService::new(router.clone(), books.clone(), metrics.clone(), transport);
+        let service = RouterService::new(
+            router.clone(),
+            books.clone(),
+            metrics.clone(),
+            named.clone(),
+            transport,
+        );
         tonic::service::Routes::new(
             GrpcInferenceServiceServer::new(service)
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes),
         )
         .into_axum_router()
+        .into_make_service_with_connect_info::<ConnectionId>()
     };
-    let unix = tokio::spawn(axum::serve(infer_unix, grpc(Transport::Unix)).into_future());
+    let unix = Tracked::new(infer_unix, named.clone());
+    let unix = tokio::spawn(axum::serve(unix, grpc(Transport::Unix)).into_future());
     let tcp = infer_tcp.map(|listener| {
         tracing::info!(address = ?listener.local_addr().ok(), "inference over TCP");
+        let listener = Tracked::new(listener, named.clone());
         tokio::spawn(axum::serve(listener, grpc(Transport::Tcp)).into_future())
     });
     let tcp = async move {

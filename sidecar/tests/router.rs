@@ -31,7 +31,7 @@ use remotemedia_proto::inference::{
 };
 use remotemedia_proto::params::{
     BROKERED_BYTE_SIZE, BROKERED_EXTENSION, BROKERED_GRANT, BROKERED_OFFSET, BROKERED_REGION,
-    SESSION_METADATA,
+    SESSION_METADATA, SHARED_MEMORY_BYTE_SIZE, SHARED_MEMORY_REGION,
 };
 use remotemedia_runtime_core::shm::broker::{
     BrokerClient, ErrorCode, GrantToken, RegionHandle, RegionKey,
@@ -569,6 +569,18 @@ async fn a_region_the_session_does_not_hold_is_not_found_and_brokered_references
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 
+    // Named shared memory is off unless --allow-named-shm.
+    let refused = client
+        .system_shared_memory_register(SystemSharedMemoryRegisterRequest {
+            name: "r".into(),
+            key: "/x".into(),
+            offset: 0,
+            byte_size: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+
     let mut tcp = sidecar.tcp_client().await;
     let metadata = tcp.server_metadata(ServerMetadataRequest {}).await.unwrap();
     assert!(
@@ -830,4 +842,126 @@ async fn a_grant_is_refused_to_another_connection_and_after_its_request_finished
         let refused = own.redeem(*grant).unwrap_err();
         assert_eq!(refused.code(), Some(ErrorCode::NotFound), "{refused}");
     }
+}
+
+fn register(name: &str, region: &Region, byte_size: u64) -> SystemSharedMemoryRegisterRequest {
+    SystemSharedMemoryRegisterRequest {
+        name: name.into(),
+        key: format!("/{}", region.id()),
+        offset: 0,
+        byte_size,
+    }
+}
+
+fn named(region: &str, byte_size: u64) -> HashMap<String, InferParameter> {
+    let param = |choice| InferParameter {
+        parameter_choice: Some(choice),
+    };
+    HashMap::from([
+        (
+            SHARED_MEMORY_REGION.into(),
+            param(ParameterChoice::StringParam(region.into())),
+        ),
+        (
+            SHARED_MEMORY_BYTE_SIZE.into(),
+            param(ParameterChoice::Int64Param(byte_size as i64)),
+        ),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn named_registrations_belong_to_their_connection_and_travel_to_workers_inline() {
+    let dir = TempDir::new("named");
+    let sidecar = Sidecar::start(&dir, &["--allow-named-shm"]).await;
+    let near = Worker::start(&dir, "near", "builtin://identity", Some(&dir.0)).await;
+    let far = Worker::start(&dir, "far", "builtin://identity", None).await;
+    sidecar.discover(&[("near", &near, NODE), ("far", &far, "node-b")]);
+    let len = 64 * 1024;
+    let mut input = Region::create_named(std::num::NonZeroUsize::new(len).unwrap()).unwrap();
+    for (i, byte) in input.as_mut_slice().iter_mut().enumerate() {
+        *byte = (i % 7) as u8;
+    }
+    let output = Region::create_named(std::num::NonZeroUsize::new(len).unwrap()).unwrap();
+    let (mut a, mut b) = (sidecar.unix_client().await, sidecar.unix_client().await);
+    a.system_shared_memory_register(register("in", &input, len as u64))
+        .await
+        .unwrap();
+    a.system_shared_memory_register(register("out", &output, len as u64))
+        .await
+        .unwrap();
+
+    let status = |name: &str| SystemSharedMemoryStatusRequest { name: name.into() };
+    assert_eq!(
+        a.system_shared_memory_status(status(""))
+            .await
+            .unwrap()
+            .get_ref()
+            .regions
+            .len(),
+        2
+    );
+    assert!(
+        b.system_shared_memory_status(status(""))
+            .await
+            .unwrap()
+            .get_ref()
+            .regions
+            .is_empty()
+    );
+    let refused = b
+        .system_shared_memory_status(status("in"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+    // B's unregister of everything touches nothing of A's.
+    b.system_shared_memory_unregister(SystemSharedMemoryUnregisterRequest {
+        name: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        a.system_shared_memory_status(status(""))
+            .await
+            .unwrap()
+            .get_ref()
+            .regions
+            .len(),
+        2
+    );
+
+    let request = |model: &str| ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "UINT8".into(),
+            shape: vec![len as i64],
+            parameters: named("in", len as u64),
+            ..Default::default()
+        }],
+        outputs: vec![InferRequestedOutputTensor {
+            name: "OUTPUT0".into(),
+            parameters: named("out", len as u64),
+        }],
+        ..Default::default()
+    };
+    let refused = b.model_infer(request("near")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    for model in ["near", "far"] {
+        output.write_at(0, &vec![0xEE; len]).unwrap();
+        let response = a.model_infer(request(model)).await.unwrap().into_inner();
+        assert_eq!(
+            &output.as_slice()[..len],
+            &input.as_slice()[..len],
+            "{model}"
+        );
+        assert!(
+            response.raw_output_contents.iter().all(Bytes::is_empty),
+            "{model}"
+        );
+    }
+    assert_eq!(
+        near.memfd_mappings(),
+        0,
+        "a named region reached a worker as a descriptor"
+    );
 }

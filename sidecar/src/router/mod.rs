@@ -11,9 +11,13 @@
 //!   `--max-held` requests at once), then answers UNAVAILABLE naming the model.
 //! - [`brokered`]: brokered region references become one-time grants for a colocated worker, or
 //!   bytes read from the region for a remote one.
+//! - [`named`]: Triton-style registrations (`--allow-named-shm`), per client connection
+//!   ([`connection`]), sent to every worker inline.
 
 pub mod brokered;
+pub mod connection;
 pub mod discovery;
+pub mod named;
 mod service;
 
 use std::collections::HashMap;

@@ -21,6 +21,8 @@ use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 use super::brokered::{Brokered, BrokeredError, has_references};
+use super::connection::ConnectionId;
+use super::named::{NamedError, NamedRegistry};
 use super::{RouteError, Router};
 use crate::broker::Books;
 use crate::metrics::{Metrics, Path};
@@ -42,6 +44,7 @@ pub struct RouterService {
     router: Arc<Router>,
     books: Arc<Books>,
     metrics: Arc<Metrics>,
+    named: Arc<NamedRegistry>,
     transport: Transport,
 }
 
@@ -59,6 +62,36 @@ impl From<BrokeredError> for Status {
             Map | Grant | MissingOutput(_) => Status::internal(error.to_string()),
         }
     }
+}
+
+impl From<NamedError> for Status {
+    fn from(error: NamedError) -> Self {
+        use NamedError::*;
+        let message = error.to_string();
+        match error {
+            Disabled => Status::unimplemented(message),
+            AlreadyRegistered(_) => Status::already_exists(message),
+            KeyNotFound(_) | NotRegistered(_) => Status::not_found(message),
+            Invalid { .. }
+            | OutOfRange { .. }
+            | BadParameter { .. }
+            | MixedContents(_)
+            | OutputTooSmall { .. } => Status::invalid_argument(message),
+            MissingOutput(_) => Status::internal(message),
+        }
+    }
+}
+
+/// The client connection a call came on (every listener tags its connections).
+fn connection<T>(request: &Request<T>) -> Option<ConnectionId> {
+    request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<ConnectionId>>()
+        .map(|info| info.0)
+}
+
+fn own_connection<T>(request: &Request<T>) -> Result<ConnectionId, Status> {
+    connection(request).ok_or_else(|| Status::internal("failed to identify the connection"))
 }
 
 impl From<RouteError> for Status {
@@ -133,12 +166,14 @@ impl RouterService {
         router: Arc<Router>,
         books: Arc<Books>,
         metrics: Arc<Metrics>,
+        named: Arc<NamedRegistry>,
         transport: Transport,
     ) -> Self {
         Self {
             router,
             books,
             metrics,
+            named,
             transport,
         }
     }
@@ -147,12 +182,13 @@ impl RouterService {
     async fn infer(
         &self,
         metadata: &MetadataMap,
+        connection: Option<ConnectionId>,
         message: ModelInferRequest,
     ) -> Result<ModelInferResponse, Status> {
         let started = Instant::now();
         let deadline = deadline(metadata);
         let mut path = Path::InlineLocal;
-        let routed = self.route_infer(metadata, message, deadline, &mut path);
+        let routed = self.route_infer(metadata, connection, message, deadline, &mut path);
         let result = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline.into(), routed).await {
                 Ok(result) => result,
@@ -171,13 +207,15 @@ impl RouterService {
     async fn route_infer(
         &self,
         metadata: &MetadataMap,
-        message: ModelInferRequest,
+        connection: Option<ConnectionId>,
+        mut message: ModelInferRequest,
         deadline: Option<Instant>,
         path: &mut Path,
     ) -> Result<ModelInferResponse, Status> {
         if has_references(&message) && self.transport != Transport::Unix {
             return Err(BrokeredError::NotOnUnixSocket.into());
         }
+        let named = self.named.prepare(connection, &mut message)?;
         let session = metadata.get(SESSION_METADATA).and_then(|v| v.to_str().ok());
         let mut brokered = Brokered::prepare(&message, session, &self.books)?;
         let mut tried = Vec::new();
@@ -223,6 +261,9 @@ impl RouterService {
                         .iter()
                         .map(|b| b.len() as u64)
                         .sum();
+                    if let Some(named) = &named {
+                        named.finish(&mut response)?;
+                    }
                     if let Some(brokered) = &mut brokered {
                         brokered.finish(&mut response, !colocated)?;
                         if colocated {
@@ -321,6 +362,9 @@ impl GrpcInferenceService for RouterService {
         if self.transport == Transport::Unix {
             extensions.push(BROKERED_EXTENSION.to_owned());
         }
+        if self.named.allowed() {
+            extensions.push("system_shared_memory".to_owned());
+        }
         Ok(Response::new(ServerMetadataResponse {
             name: "remotemedia-sidecar".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -339,8 +383,11 @@ impl GrpcInferenceService for RouterService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        let connection = connection(&request);
         let (metadata, _, message) = request.into_parts();
-        self.infer(&metadata, message).await.map(Response::new)
+        self.infer(&metadata, connection, message)
+            .await
+            .map(Response::new)
     }
 
     type ModelStreamInferStream = ReceiverStream<Result<ModelStreamInferResponse, Status>>;
@@ -351,6 +398,7 @@ impl GrpcInferenceService for RouterService {
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        let connection = connection(&request);
         let (metadata, _, mut incoming) = request.into_parts();
         let (responses, stream) = mpsc::channel(16);
         let service = self.clone();
@@ -364,7 +412,7 @@ impl GrpcInferenceService for RouterService {
                         return;
                     }
                 };
-                let answer = match service.infer(&metadata, message).await {
+                let answer = match service.infer(&metadata, connection, message).await {
                     Ok(response) => ModelStreamInferResponse {
                         error_message: String::new(),
                         infer_response: Some(response),
@@ -404,29 +452,35 @@ impl GrpcInferenceService for RouterService {
 
     async fn system_shared_memory_status(
         &self,
-        _: Request<SystemSharedMemoryStatusRequest>,
+        request: Request<SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
-        Err(named_shm_off())
+        let connection = own_connection(&request)?;
+        let regions = self.named.status(connection, &request.get_ref().name)?;
+        Ok(Response::new(SystemSharedMemoryStatusResponse { regions }))
     }
 
     async fn system_shared_memory_register(
         &self,
-        _: Request<SystemSharedMemoryRegisterRequest>,
+        request: Request<SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
-        Err(named_shm_off())
+        let connection = own_connection(&request)?;
+        let SystemSharedMemoryRegisterRequest {
+            name,
+            key,
+            offset,
+            byte_size,
+        } = request.into_inner();
+        self.named
+            .register(connection, &name, &key, offset, byte_size)?;
+        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
     }
 
     async fn system_shared_memory_unregister(
         &self,
-        _: Request<SystemSharedMemoryUnregisterRequest>,
+        request: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
-        Err(named_shm_off())
+        let connection = own_connection(&request)?;
+        self.named.unregister(connection, &request.get_ref().name)?;
+        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
-}
-
-/// Named (Triton-style) registrations through the sidecar are not served by this build.
-fn named_shm_off() -> Status {
-    Status::unimplemented(
-        "system shared memory through the sidecar is not served: use brokered regions, or a worker directly",
-    )
 }
