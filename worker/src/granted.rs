@@ -296,3 +296,64 @@ impl Resolve for RequestRegions<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU64;
+
+    use super::*;
+
+    fn handle(n: u64) -> RegionHandleId {
+        RegionHandleId(NonZeroU64::new(n).unwrap())
+    }
+
+    #[test]
+    fn the_least_recently_used_regions_beyond_the_cap_are_evicted() {
+        let fd = remotemedia_runtime_core::shm::broker::memfd::create_sealed(4096).unwrap();
+        let registration = sealed_registration("r".into(), Arc::new(fd)).unwrap();
+        let mut cache = Cache::default();
+        for n in 1..=CACHED_REGIONS as u64 + 2 {
+            // Handle 1 is used last, so 2 and 3 are the oldest.
+            let used = if n == 1 { 1000 } else { n };
+            cache
+                .regions
+                .insert(handle(n), (registration.clone(), used));
+        }
+        let mut evicted = evict(&mut cache);
+        evicted.sort();
+        assert_eq!(evicted, [handle(2), handle(3)]);
+        assert_eq!(cache.regions.len(), CACHED_REGIONS);
+        assert!(evict(&mut cache).is_empty());
+    }
+
+    #[test]
+    fn a_request_resolves_its_own_regions_before_the_workers_registrations() {
+        let fd =
+            Arc::new(remotemedia_runtime_core::shm::broker::memfd::create_sealed(4096).unwrap());
+        let client = remotemedia_runtime_core::shm::Region::from_sealed(
+            fd.clone(),
+            remotemedia_runtime_core::shm::Access::Shared,
+        )
+        .unwrap();
+        client.write_at(8, b"granted!").unwrap();
+        let registration = sealed_registration("r".into(), fd).unwrap();
+        let regions = HashMap::from([(local_name(handle(1)), registration)]);
+        let counter = Counter::default();
+        let resolver = RequestRegions {
+            regions: &regions,
+            named: None,
+            misaligned_copies: &counter,
+        };
+        let tensor = |region: &str| SharedMemoryRef {
+            region: region.into(),
+            offset: 8,
+            byte_size: 8,
+        };
+        let bytes = resolver.input(&tensor(&local_name(handle(1))), 8).unwrap();
+        assert_eq!(bytes.as_ref(), b"granted!");
+        assert_eq!(
+            resolver.input(&tensor("other"), 1).unwrap_err(),
+            SharedMemoryError::Disabled
+        );
+    }
+}

@@ -251,6 +251,8 @@ impl Router {
             return Err(RouteError::TooManyHeld(model.to_owned()));
         }
         let mut changes = self.endpoints.clone();
+        // A source that stopped (or never had a sender) cannot wake us: poll only.
+        let mut watching = true;
         loop {
             let now = Instant::now();
             if now >= until {
@@ -258,7 +260,7 @@ impl Router {
             }
             let wait = (until - now).min(HOLD_RECHECK);
             tokio::select! {
-                _ = changes.changed() => {}
+                changed = changes.changed(), if watching => watching = changed.is_ok(),
                 () = tokio::time::sleep(wait) => {}
             }
             if let Some(route) = self.pick(model, tried)? {
@@ -358,6 +360,18 @@ mod tests {
             router.pick("b/m", &[]).unwrap().unwrap().worker.address,
             "b:1"
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_held_without_any_discovery_times_out_instead_of_spinning() {
+        let (router, sender) = router(vec![]);
+        drop(sender);
+        let started = Instant::now();
+        assert!(matches!(
+            router.pick_or_hold("m", &[], None).await,
+            Err(RouteError::Unavailable(_))
+        ));
+        assert!(started.elapsed() >= Duration::from_millis(300));
     }
 
     #[tokio::test]

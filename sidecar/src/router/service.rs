@@ -484,3 +484,32 @@ impl GrpcInferenceService for RouterService {
         Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_clients_grpc_timeout_becomes_a_deadline_and_garbage_is_ignored() {
+        let mut metadata = MetadataMap::new();
+        assert!(deadline(&metadata).is_none());
+        metadata.insert("grpc-timeout", "1500m".parse().unwrap());
+        let left = deadline(&metadata).unwrap() - Instant::now();
+        assert!(left <= Duration::from_millis(1500) && left > Duration::from_millis(1000));
+        for garbage in ["", "15", "m", "-1S", "99999999999999999999H", "1X"] {
+            metadata.insert("grpc-timeout", garbage.parse().unwrap());
+            assert!(deadline(&metadata).is_none(), "{garbage:?}");
+        }
+    }
+
+    #[test]
+    fn a_broken_connection_counts_as_an_unavailable_worker_but_a_workers_own_error_does_not() {
+        assert!(worker_failed(&Status::unavailable("connection refused")));
+        let broken = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "reset");
+        let transport = Status::from_error(Box::new(broken));
+        assert_eq!(transport.code(), Code::Unknown);
+        assert!(worker_failed(&transport));
+        assert!(!worker_failed(&Status::unknown("the worker said so")));
+        assert!(!worker_failed(&Status::invalid_argument("bad shape")));
+    }
+}
