@@ -363,14 +363,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_request_held_without_any_discovery_times_out_instead_of_spinning() {
+    async fn a_request_held_without_a_discovery_source_waits_the_hold_timeout_then_names_the_model()
+    {
         let (router, sender) = router(vec![]);
         drop(sender);
         let started = Instant::now();
-        assert!(matches!(
-            router.pick_or_hold("m", &[], None).await,
-            Err(RouteError::Unavailable(_))
-        ));
+        let error = router.pick_or_hold("m", &[], None).await.err().unwrap();
+        assert_eq!(error.to_string(), "no ready worker for model 'm'");
         assert!(started.elapsed() >= Duration::from_millis(300));
     }
 
