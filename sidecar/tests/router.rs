@@ -680,6 +680,9 @@ struct Seen {
     grants: Vec<GrantToken>,
     first_redeemed: bool,
     other_connection: Option<Option<ErrorCode>>,
+    /// The trace context and deadline the worker received.
+    traceparent: Option<String>,
+    timeout: Option<String>,
 }
 
 /// A worker that redeems the grants it is sent itself: the first on its own session, the
@@ -706,6 +709,11 @@ fn unimplemented<T>() -> Answer<T> {
 #[tonic::async_trait]
 impl GrpcInferenceService for FakeWorker {
     async fn model_infer(&self, request: Request<ModelInferRequest>) -> Answer<ModelInferResponse> {
+        let header = |key| {
+            let value = request.metadata().get(key)?;
+            Some(value.to_str().unwrap().to_owned())
+        };
+        let (traceparent, timeout) = (header("traceparent"), header("grpc-timeout"));
         let request = request.into_inner();
         assert!(
             !request.inputs[0].parameters.contains_key(BROKERED_REGION),
@@ -725,6 +733,8 @@ impl GrpcInferenceService for FakeWorker {
         seen.grants = vec![input, output];
         seen.first_redeemed = first.unwrap();
         seen.other_connection = other;
+        seen.traceparent = traceparent;
+        seen.timeout = timeout;
         Ok(tonic::Response::new(ModelInferResponse {
             model_name: request.model_name,
             outputs: vec![InferOutputTensor {
@@ -822,12 +832,34 @@ async fn a_grant_is_refused_to_another_connection_and_after_its_request_finished
         parameters: brokered(output.key(), 0, 4096),
     }];
     let mut client = sidecar.unix_client().await;
-    client
-        .model_infer(with_session(request, &app))
-        .await
-        .unwrap();
+    let mut request = with_session(request, &app);
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    request
+        .metadata_mut()
+        .insert("traceparent", trace.parse().unwrap());
+    request.set_timeout(Duration::from_secs(30));
+    client.model_infer(request).await.unwrap();
 
     let seen = seen.lock().unwrap();
+    assert_eq!(seen.traceparent.as_deref(), Some(trace));
+    // What is left of the client's 30 s, in the gRPC encoding (an integer and a unit).
+    let timeout = seen
+        .timeout
+        .as_deref()
+        .expect("the deadline did not propagate");
+    let (digits, unit) = timeout.split_at(timeout.len() - 1);
+    let nanos_per_unit = match unit {
+        "S" => 1_000_000_000,
+        "m" => 1_000_000,
+        "u" => 1_000,
+        "n" => 1,
+        other => panic!("unit {other} in {timeout}"),
+    };
+    let left = Duration::from_nanos(digits.parse::<u64>().unwrap() * nanos_per_unit);
+    assert!(
+        left > Duration::from_secs(20) && left <= Duration::from_secs(30),
+        "{timeout}"
+    );
     assert!(
         seen.first_redeemed,
         "the worker's own redemption brought the descriptor"
