@@ -996,4 +996,16 @@ async fn named_registrations_belong_to_their_connection_and_travel_to_workers_in
         0,
         "a named region reached a worker as a descriptor"
     );
+    // When A's connection closes its registrations go, and with them the sidecar's mappings.
+    let maps = || std::fs::read_to_string(format!("/proc/{}/maps", sidecar.process.pid())).unwrap();
+    assert!(maps().contains(input.id().as_str()));
+    drop((a, b));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while maps().contains(input.id().as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar still maps a closed connection's region"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

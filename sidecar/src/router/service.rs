@@ -137,12 +137,16 @@ fn outgoing<T>(message: T, metadata: &MetadataMap, deadline: Option<Instant>) ->
 }
 
 /// A call that failed because the worker is not there: UNAVAILABLE (connection refused, worker
-/// draining), or the connection breaking mid-call (a killed worker), which tonic reports as
-/// UNKNOWN with the transport error as its source. A status the worker sent has no source.
+/// draining), or the connection breaking before or during the call (a killed worker), which
+/// tonic reports as UNKNOWN or CANCELLED with the transport's error as its source. A status the
+/// worker sent has no source, and the client's own deadline running out is no fault of the
+/// worker's.
 fn worker_failed(status: &Status) -> bool {
+    let transport = std::error::Error::source(status)
+        .is_some_and(|source| !source.is::<tonic::TimeoutExpired>());
     match status.code() {
         Code::Unavailable => true,
-        Code::Unknown => std::error::Error::source(status).is_some(),
+        Code::Unknown | Code::Cancelled => transport,
         _ => false,
     }
 }
@@ -510,6 +514,8 @@ mod tests {
         assert_eq!(transport.code(), Code::Unknown);
         assert!(worker_failed(&transport));
         assert!(!worker_failed(&Status::unknown("the worker said so")));
+        let timeout = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        assert!(!worker_failed(&timeout), "{timeout:?}");
         assert!(!worker_failed(&Status::invalid_argument("bad shape")));
     }
 }
