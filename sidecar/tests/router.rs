@@ -1009,3 +1009,40 @@ async fn named_registrations_belong_to_their_connection_and_travel_to_workers_in
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unregistering_a_named_region_waits_for_the_request_writing_into_it() {
+    let dir = TempDir::new("unregister");
+    let sidecar = Sidecar::start(&dir, &["--allow-named-shm"]).await;
+    let far = Worker::start(&dir, "slow", "builtin://identity?infer_delay_ms=1500", None).await;
+    sidecar.discover(&[("slow", &far, "node-b")]);
+    let output = Region::create_named(std::num::NonZeroUsize::new(4096).unwrap()).unwrap();
+    let client = sidecar.unix_client().await;
+    client
+        .clone()
+        .system_shared_memory_register(register("out", &output, 4096))
+        .await
+        .unwrap();
+    let mut request = inline_request("slow", vec![9; 4096]);
+    request.outputs = vec![InferRequestedOutputTensor {
+        name: "OUTPUT0".into(),
+        parameters: named("out", 4096),
+    }];
+    let infer = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.model_infer(request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unregister = SystemSharedMemoryUnregisterRequest { name: "out".into() };
+    client
+        .clone()
+        .system_shared_memory_unregister(unregister)
+        .await
+        .unwrap();
+    // Unregister returned: the request's write into the region has happened.
+    assert!(
+        output.as_slice().iter().all(|&b| b == 9),
+        "unregister returned while a request still had to write the region"
+    );
+    infer.await.unwrap().unwrap();
+}

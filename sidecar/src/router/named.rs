@@ -20,6 +20,9 @@ use remotemedia_runtime_core::shm::{Access, Region, ShmError, open_named_region}
 
 use super::connection::ConnectionId;
 
+/// How often an unregister looks whether the requests using a registration have finished.
+const UNREGISTER_POLL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// Why a registration or a named tensor was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum NamedError {
@@ -282,15 +285,22 @@ impl NamedRegistry {
     }
 
     /// Drops the caller's registration `name` (all of them when empty); an unknown name
-    /// succeeds, as in Triton. Requests in flight keep their mappings until they finish.
-    pub fn unregister(&self, connection: ConnectionId, name: &str) -> Result<(), NamedError> {
+    /// succeeds, as in Triton. **Waits**, as the worker does: new requests cannot name it at
+    /// once, and this returns when no request in flight reads or writes it any more.
+    pub async fn unregister(&self, connection: ConnectionId, name: &str) -> Result<(), NamedError> {
         self.check_allowed()?;
-        let mut connections = self.connections();
-        if let Some(own) = connections.get_mut(&connection) {
-            if name.is_empty() {
-                own.clear();
-            } else {
-                own.remove(name);
+        let removed: Vec<Arc<Registration>> = {
+            let mut connections = self.connections();
+            match connections.get_mut(&connection) {
+                Some(own) if name.is_empty() => own.drain().map(|(_, r)| r).collect(),
+                Some(own) => own.remove(name).into_iter().collect(),
+                None => Vec::new(),
+            }
+        };
+        for registration in removed {
+            // Requests hold it through their input slices and output slots.
+            while Arc::strong_count(&registration) > 1 {
+                tokio::time::sleep(UNREGISTER_POLL).await;
             }
         }
         Ok(())

@@ -484,7 +484,9 @@ impl GrpcInferenceService for RouterService {
         request: Request<SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
         let connection = own_connection(&request)?;
-        self.named.unregister(connection, &request.get_ref().name)?;
+        self.named
+            .unregister(connection, &request.get_ref().name)
+            .await?;
         Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 }
