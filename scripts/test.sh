@@ -76,10 +76,11 @@ fi
 if compgen -G "tests/python/test_*.py" >/dev/null; then
   echo "=== python sdk wheel"
   scripts/python-sdk.sh
-  cargo build --locked -p remotemedia-model-worker "${features[@]}"
+  cargo build --locked -p remotemedia-model-worker -p remotemedia-sidecar "${features[@]}"
   target_dir=$(cargo metadata --format-version 1 --no-deps |
     "$REMOTEMEDIA_PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
   export REMOTEMEDIA_WORKER_BIN="$target_dir/debug/remotemedia-model-worker"
+  export REMOTEMEDIA_SIDECAR_BIN="$target_dir/debug/remotemedia-sidecar"
   run_tier pytest "$REMOTEMEDIA_PYTHON" -m pytest -p no:cacheprovider tests/python
 fi
 # End-to-end: the e2e crate's tests against a local Kubernetes control plane that e2e/test.sh

@@ -2,31 +2,18 @@
 //! examples (`quickstart_producer`, `quickstart_consumer`, `shm_peer`); `scripts/test.sh` builds
 //! them before this tier runs (`cargo test` without a target filter builds them too).
 
+#[path = "support/built.rs"]
+mod support;
+use support::built;
+
 use std::io::{BufRead, BufReader, Lines, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use remotemedia_runtime_core::shm::{ShmError, cleanup_dead_regions};
 use remotemedia_runtime_core::tensor::{
     DataType, SharedMemoryAllocator, TensorBuffer, TensorError,
 };
-
-fn example(name: &str) -> PathBuf {
-    // Integration tests run from target/<profile>/deps; examples sit in target/<profile>/examples.
-    let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build -p remotemedia-runtime-core --examples`",
-        path.display()
-    );
-    path
-}
 
 fn region_exists(id: &str) -> bool {
     Path::new("/dev/shm").join(id).exists()
@@ -41,7 +28,7 @@ struct Peer {
 
 impl Peer {
     fn spawn(name: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(example(name))
+        let mut child = Command::new(built(&format!("examples/{name}")))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -125,7 +112,7 @@ fn quickstart_consumer_sees_the_producers_mebibyte_and_refuses_an_out_of_range_s
         .unwrap_or_else(|| panic!("unexpected producer output {announced:?}"));
     assert!(region_exists(region));
 
-    let output = Command::new(example("quickstart_consumer"))
+    let output = Command::new(built("examples/quickstart_consumer"))
         .arg(region)
         .output()
         .expect("run consumer");

@@ -11,8 +11,10 @@
 //!    NOT_FOUND.
 //! 2. The sidecar forwards to a colocated worker with the region replaced by a one-time
 //!    [`BROKERED_GRANT`] (32 lowercase hex digits) and an absolute [`BROKERED_OFFSET`]; the worker
-//!    redeems the grant on its own broker connection. Region ids never reach a worker. A remote
-//!    worker receives the bytes inline instead.
+//!    redeems the grant on its own broker connection (Redeem), which the broker honours once,
+//!    only while that request is in flight, and only on the connection that redeemed the
+//!    request's first grant. Region ids never reach a worker. A remote worker receives the bytes
+//!    inline instead.
 //! 3. An output written into a brokered region comes back carrying the same three parameters and
 //!    an empty `raw_output_contents` entry, as the worker answers for Triton's shared memory.
 

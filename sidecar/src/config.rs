@@ -3,11 +3,13 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 
 use crate::broker::Limits;
 use crate::budget::{self, BudgetError, DEFAULT_HEADROOM_BYTES};
+use crate::router::RouterConfig;
 
 /// Defaults, as typed constants (DESIGN §3).
 pub mod defaults {
@@ -17,6 +19,19 @@ pub mod defaults {
     pub const SESSION_QUOTA_BYTES: u64 = 512 << 20;
     pub const LABEL_QUOTA_BYTES: u64 = 256 << 20;
     pub const MAX_REGIONS_PER_SESSION: usize = 1024;
+    pub const LISTEN_ADDRESS: std::net::IpAddr =
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    pub const HOLD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+    pub const MAX_HELD: usize = 1000;
+    /// As the worker's: a tensor a worker accepts inline also fits through the sidecar.
+    pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+}
+
+/// Where the router learns the workers of each model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiscoveryKind {
+    /// A YAML file of `{model, address, node}` entries (`--workers`), re-read when it changes.
+    Static,
 }
 
 /// The node agent: brokers shared-memory regions for the pods on this node.
@@ -52,6 +67,42 @@ pub struct Args {
     /// Memory kept for the sidecar itself on top of `--max-shm-bytes`.
     #[arg(long, env = "REMOTEMEDIA_SIDECAR_MEMORY_HEADROOM_BYTES", default_value_t = DEFAULT_HEADROOM_BYTES)]
     pub memory_headroom_bytes: u64,
+    /// Also serve inference over TCP on this port (off by default; `infer.sock` is always on).
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_PORT")]
+    pub port: Option<u16>,
+    /// Address the TCP inference port binds to.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_LISTEN_ADDRESS", default_value_t = defaults::LISTEN_ADDRESS)]
+    pub listen_address: IpAddr,
+    /// Where workers are found: `static` (needs `--workers`). Without it no model has a worker.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_DISCOVERY", value_enum)]
+    pub discovery: Option<DiscoveryKind>,
+    /// The static discovery file: a YAML list of `{model, address, node}`.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_WORKERS")]
+    pub workers: Option<PathBuf>,
+    /// The node this sidecar serves; workers on it are colocated (shared memory in place).
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// How long an inference waits for a model with no ready worker (e.g. `30s`).
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_HOLD_TIMEOUT", default_value_t = defaults::HOLD_TIMEOUT.into())]
+    pub hold_timeout: humantime::Duration,
+    /// Most inferences waiting at once; more are refused with UNAVAILABLE.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_MAX_HELD", default_value_t = defaults::MAX_HELD)]
+    pub max_held: usize,
+    /// Serve Triton's system shared memory through the sidecar: clients register POSIX objects
+    /// by key (scoped to their connection) and the sidecar sends the bytes to workers inline.
+    /// It trusts every pod sharing the node's `/dev/shm`, so it is off by default.
+    #[arg(
+        long,
+        env = "REMOTEMEDIA_SIDECAR_ALLOW_NAMED_SHM",
+        default_value_t = false,
+        action = clap::ArgAction::Set,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_named_shm: bool,
+    /// Largest gRPC message received from clients or workers, in bytes.
+    #[arg(long, env = "REMOTEMEDIA_SIDECAR_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
 }
 
 /// A validated configuration; `run` takes it apart field by field.
@@ -61,6 +112,12 @@ pub struct Config {
     pub admin_address: IpAddr,
     pub admin_port: u16,
     pub limits: Limits,
+    /// The TCP inference listener, when enabled.
+    pub tcp: Option<std::net::SocketAddr>,
+    /// The static discovery file, when discovery is static.
+    pub workers: Option<PathBuf>,
+    pub allow_named_shm: bool,
+    pub router: RouterConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +128,12 @@ pub enum ConfigError {
     Zero { flag: &'static str },
     #[error("failed to start: --socket-dir {} is not an absolute path", .0.display())]
     RelativeSocketDir(PathBuf),
+    #[error("failed to start: --discovery static needs --workers FILE")]
+    MissingWorkersFile,
+    #[error("failed to start: --workers is read only with --discovery static")]
+    WorkersWithoutDiscovery,
+    #[error("failed to start: --node-name is empty")]
+    EmptyNodeName,
 }
 
 impl Args {
@@ -86,12 +149,23 @@ impl Args {
             max_regions_per_session,
             memory_limit_bytes,
             memory_headroom_bytes,
+            port,
+            listen_address,
+            discovery,
+            workers,
+            node_name,
+            hold_timeout,
+            max_held,
+            allow_named_shm,
+            max_message_bytes,
         } = self;
         for (flag, value) in [
             ("--max-shm-bytes", max_shm_bytes),
             ("--session-quota-bytes", session_quota_bytes),
             ("--label-quota-bytes", label_quota_bytes),
             ("--max-regions-per-session", max_regions_per_session as u64),
+            ("--max-held", max_held as u64),
+            ("--max-message-bytes", max_message_bytes as u64),
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero { flag });
@@ -99,6 +173,15 @@ impl Args {
         }
         if !socket_dir.is_absolute() {
             return Err(ConfigError::RelativeSocketDir(socket_dir));
+        }
+        let workers = match (discovery, workers) {
+            (Some(DiscoveryKind::Static), Some(path)) => Some(path),
+            (Some(DiscoveryKind::Static), None) => return Err(ConfigError::MissingWorkersFile),
+            (None, Some(_)) => return Err(ConfigError::WorkersWithoutDiscovery),
+            (None, None) => None,
+        };
+        if node_name.as_deref() == Some("") {
+            return Err(ConfigError::EmptyNodeName);
         }
         let limit = memory_limit_bytes.or_else(budget::cgroup_limit);
         budget::check(max_shm_bytes, memory_headroom_bytes, limit)?;
@@ -111,6 +194,15 @@ impl Args {
                 session_quota_bytes,
                 label_quota_bytes,
                 max_regions_per_session,
+            },
+            tcp: port.map(|port| std::net::SocketAddr::new(listen_address, port)),
+            workers,
+            allow_named_shm,
+            router: RouterConfig {
+                node_name,
+                hold_timeout: Duration::from(hold_timeout),
+                max_held,
+                max_message_bytes,
             },
         })
     }
@@ -146,6 +238,33 @@ mod tests {
         assert!(matches!(
             parse(&["--socket-dir", "run/rm"]),
             Err(ConfigError::RelativeSocketDir(_))
+        ));
+    }
+
+    #[test]
+    fn the_router_is_unix_only_by_default_and_tcp_binds_to_loopback() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.tcp, None);
+        let config = parse(&["--port", "50061"]).unwrap();
+        assert_eq!(config.tcp, Some("127.0.0.1:50061".parse().unwrap()));
+        assert_eq!(config.router.hold_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn static_discovery_needs_its_file_and_the_file_needs_static_discovery() {
+        assert!(matches!(
+            parse(&["--discovery", "static"]),
+            Err(ConfigError::MissingWorkersFile)
+        ));
+        assert!(matches!(
+            parse(&["--workers", "/w.yaml"]),
+            Err(ConfigError::WorkersWithoutDiscovery)
+        ));
+        let config = parse(&["--discovery", "static", "--workers", "/w.yaml"]).unwrap();
+        assert_eq!(config.workers, Some(PathBuf::from("/w.yaml")));
+        assert!(matches!(
+            parse(&["--max-held", "0"]),
+            Err(ConfigError::Zero { flag: "--max-held" })
         ));
     }
 

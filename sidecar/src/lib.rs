@@ -1,12 +1,13 @@
-//! `remotemedia-sidecar`: the per-node agent. Today it runs one service, the shared-memory
-//! broker on `<socket-dir>/broker.sock` ([`broker`]), plus the admin port; the inference router
-//! joins `run` as a second service.
+//! `remotemedia-sidecar`: the per-node agent. It runs the shared-memory broker on
+//! `<socket-dir>/broker.sock` ([`broker`]), the inference router on `<socket-dir>/infer.sock`
+//! and, when enabled, TCP ([`router`]), plus the admin port.
 
 pub mod admin;
 pub mod broker;
 pub mod budget;
 pub mod config;
 pub mod metrics;
+pub mod router;
 
 use std::io;
 use std::net::SocketAddr;
@@ -15,7 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use config::{Args, Config, ConfigError};
+use remotemedia_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use remotemedia_runtime_core::shm::broker::{BROKER_SOCKET, socket};
+
+use router::connection::{ConnectionId, Tracked};
+use router::named::NamedRegistry;
+use router::{Discovery, RouterService, StaticFile, Transport};
+
+/// The router's Unix socket inside the socket directory.
+pub const INFER_SOCKET: &str = "infer.sock";
 
 /// Why the sidecar stopped.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +47,12 @@ pub enum SidecarError {
         #[source]
         source: io::Error,
     },
+    #[error("failed to bind the inference port {addr}")]
+    BindInference {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error("failed to serve")]
     Serve(#[source] io::Error),
 }
@@ -49,10 +64,24 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
         admin_address,
         admin_port,
         limits,
+        tcp,
+        workers,
+        allow_named_shm,
+        router: router_config,
     } = config;
     raise_descriptor_limit();
     let broker_path = socket_dir.join(BROKER_SOCKET);
     let listener = bind_broker(&socket_dir, &broker_path)?;
+    let infer_path = socket_dir.join(INFER_SOCKET);
+    let infer_unix = bind_infer(&infer_path)?;
+    let infer_tcp = match tcp {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| SidecarError::BindInference { addr, source })?,
+        ),
+        None => None,
+    };
     let admin_addr = SocketAddr::new(admin_address, admin_port);
     let admin = tokio::net::TcpListener::bind(admin_addr)
         .await
@@ -70,18 +99,83 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
 
     let books = Arc::new(broker::Books::new(limits));
     let metrics = Arc::new(metrics::Metrics::new());
+    let endpoints = match workers {
+        Some(path) => Box::new(StaticFile { path }).watch(),
+        None => tokio::sync::watch::channel(Arc::new(Vec::new())).1,
+    };
+    let max_message_bytes = router_config.max_message_bytes;
+    let router = router::Router::new(router_config, endpoints, metrics.held());
+    let named = Arc::new(NamedRegistry::new(allow_named_shm));
+    let grpc = |transport| {
+        let service = RouterService::new(
+            router.clone(),
+            books.clone(),
+            metrics.clone(),
+            named.clone(),
+            transport,
+        );
+        tonic::service::Routes::new(
+            GrpcInferenceServiceServer::new(service)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+        )
+        .into_axum_router()
+        .into_make_service_with_connect_info::<ConnectionId>()
+    };
+    let unix = Tracked::new(infer_unix, named.clone());
+    let unix = tokio::spawn(axum::serve(unix, grpc(Transport::Unix)).into_future());
+    let tcp = infer_tcp.map(|listener| {
+        tracing::info!(address = ?listener.local_addr().ok(), "inference over TCP");
+        let listener = Tracked::new(listener, named.clone());
+        tokio::spawn(axum::serve(listener, grpc(Transport::Tcp)).into_future())
+    });
+    let tcp = async move {
+        match tcp {
+            Some(task) => task.await,
+            None => std::future::pending().await,
+        }
+    };
     let broker = tokio::spawn(broker::serve(listener, books.clone(), metrics.clone()));
     let admin = tokio::spawn(async move {
         axum::serve(admin, admin::router(books, metrics).into_make_service()).await
     });
     tokio::select! {
         result = broker => flatten(result)?,
+        result = unix => flatten(result)?,
+        result = tcp => flatten(result)?,
         result = admin => flatten(result)?,
         () = shutdown_signal() => tracing::info!("shutting down"),
     }
     // Clients reconnect to the next sidecar at this path; a stale socket file would refuse them.
     let _ = std::fs::remove_file(&broker_path);
+    let _ = std::fs::remove_file(&infer_path);
     Ok(())
+}
+
+/// Binds `infer.sock`, replacing a stale socket (the directory exists: `bind_broker` made it).
+fn bind_infer(path: &Path) -> Result<tokio::net::UnixListener, SidecarError> {
+    let bind_error = |source| SidecarError::BindBroker {
+        path: path.to_owned(),
+        source,
+    };
+    remove_stale_socket(path).map_err(bind_error)?;
+    let listener = tokio::net::UnixListener::bind(path).map_err(bind_error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Removes a socket left by a previous sidecar at `path`; any other kind of file is in the way.
+fn remove_stale_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path),
+        Ok(_) => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "a file that is not a socket is in the way",
+        )),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(error),
+    }
 }
 
 fn flatten(result: Result<io::Result<()>, tokio::task::JoinError>) -> Result<(), SidecarError> {
@@ -102,20 +196,7 @@ fn bind_broker(dir: &Path, path: &Path) -> Result<std::os::fd::OwnedFd, SidecarE
         path: path.to_owned(),
         source,
     };
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(bind_error)?
-        }
-        Ok(_) => {
-            return Err(bind_error(io::Error::new(
-                io::ErrorKind::AlreadyExists,
-                "a file that is not a socket is in the way",
-            )));
-        }
-        Err(error) if error.kind() == io::ErrorKind::NotFound => {}
-        Err(error) => return Err(bind_error(error)),
-    }
+    remove_stale_socket(path).map_err(bind_error)?;
     let listener = socket::listen(path, 128).map_err(bind_error)?;
     // Any pod that mounts the directory is meant to be a client: access to a region is decided
     // by its id (a capability), not by file permissions, and pods run as arbitrary users.

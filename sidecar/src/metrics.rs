@@ -8,6 +8,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use remotemedia_runtime_core::shm::broker::ErrorCode;
 use remotemedia_runtime_core::shm::broker::wire::Response;
@@ -25,6 +26,41 @@ struct ReasonLabels {
     reason: &'static str,
 }
 
+/// How an inference travelled: brokered regions to a colocated worker by grant (`shm_local`),
+/// bytes inline to a colocated worker (`inline_local`) or to a worker on another node
+/// (`inline_remote`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Path {
+    ShmLocal,
+    InlineLocal,
+    InlineRemote,
+}
+
+impl Path {
+    fn label(self) -> &'static str {
+        match self {
+            Path::ShmLocal => "shm_local",
+            Path::InlineLocal => "inline_local",
+            Path::InlineRemote => "inline_remote",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InferenceLabels {
+    path: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabels {
+    path: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 /// Every metric the sidecar exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -34,6 +70,10 @@ pub struct Metrics {
     sessions: Gauge,
     regions: Gauge,
     bytes: Gauge,
+    inferences: Family<InferenceLabels, Counter>,
+    latency: Family<PathLabels, Histogram, fn() -> Histogram>,
+    forwarded_bytes: Family<PathLabels, Counter>,
+    held: Gauge,
 }
 
 impl Metrics {
@@ -63,7 +103,38 @@ impl Metrics {
             "Bytes of brokered regions alive on the node (counted against --max-shm-bytes)",
             bytes.clone(),
         );
+        let inferences = Family::<InferenceLabels, Counter>::default();
+        registry.register(
+            "inference_requests",
+            "Inference requests routed, by path (shm_local, inline_local, inline_remote) and outcome",
+            inferences.clone(),
+        );
+        let latency: Family<PathLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "inference_duration",
+            "Time from receiving an inference to answering it, by path",
+            prometheus_client::registry::Unit::Seconds,
+            latency.clone(),
+        );
+        let forwarded_bytes = Family::<PathLabels, Counter>::default();
+        registry.register_with_unit(
+            "forwarded",
+            "Tensor bytes of routed inferences, by path (shm_local: passed by grant, not copied)",
+            prometheus_client::registry::Unit::Bytes,
+            forwarded_bytes.clone(),
+        );
+        let held = Gauge::default();
+        registry.register(
+            "held_requests",
+            "Inference requests waiting for a ready worker",
+            held.clone(),
+        );
         Self {
+            inferences,
+            latency,
+            forwarded_bytes,
+            held,
             registry,
             requests,
             protocol_errors,
@@ -87,6 +158,29 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels { kind, outcome })
             .inc();
+    }
+
+    /// One routed inference.
+    pub fn inference(&self, path: Path, outcome: &'static str, elapsed: std::time::Duration) {
+        let path = path.label();
+        self.inferences
+            .get_or_create(&InferenceLabels { path, outcome })
+            .inc();
+        self.latency
+            .get_or_create(&PathLabels { path })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Tensor bytes a routed inference moved.
+    pub fn forwarded(&self, path: Path, bytes: u64) {
+        self.forwarded_bytes
+            .get_or_create(&PathLabels { path: path.label() })
+            .inc_by(bytes);
+    }
+
+    /// The gauge of held requests, which the router keeps current.
+    pub fn held(&self) -> Gauge {
+        self.held.clone()
     }
 
     pub fn protocol_error(&self, reason: &'static str) {

@@ -3,6 +3,10 @@
 //! socket directory. Leaks are judged from outside: `/proc/*/maps`, the sidecar's descriptor
 //! count, its admin port.
 
+#[path = "../../core/tests/support/built.rs"]
+mod support;
+use support::built;
+
 use std::io::{BufRead, BufReader, Lines, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
@@ -14,23 +18,6 @@ use remotemedia_runtime_core::shm::broker::socket::{self, RecvError};
 use remotemedia_runtime_core::shm::broker::wire::{self, Request, Response};
 
 const MIB: u64 = 1 << 20;
-
-/// Test binaries run from target/<profile>/deps; examples sit in target/<profile>/examples.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory")
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace --examples`",
-        path.display()
-    );
-    path
-}
 
 /// A fresh socket directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -156,7 +143,7 @@ struct Peer {
 
 impl Peer {
     fn spawn(dir: &TempDir) -> Self {
-        let mut child = Command::new(example("broker_peer"))
+        let mut child = Command::new(built("examples/broker_peer"))
             .env("REMOTEMEDIA_SIDECAR", dir.env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -249,7 +236,7 @@ fn processes_mapping(inodes: &[u64]) -> Vec<String> {
 fn the_quickstart_producer_and_consumer_exchange_a_tensor_through_the_broker() {
     let dir = TempDir::new("seed");
     let sidecar = Sidecar::start(&dir, &[]);
-    let mut producer = Command::new(example("quickstart_producer"))
+    let mut producer = Command::new(built("examples/quickstart_producer"))
         .env("REMOTEMEDIA_SIDECAR", dir.env())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -270,7 +257,7 @@ fn the_quickstart_producer_and_consumer_exchange_a_tensor_through_the_broker() {
         "the producer maps a broker memfd"
     );
 
-    let consumer = Command::new(example("quickstart_consumer"))
+    let consumer = Command::new(built("examples/quickstart_consumer"))
         .arg(region)
         .env("REMOTEMEDIA_SIDECAR", dir.env())
         .output()

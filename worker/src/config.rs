@@ -49,6 +49,11 @@ pub struct Config {
     #[arg(long, env = "REMOTEMEDIA_WORKER_UDS")]
     pub uds: Option<PathBuf>,
 
+    /// The node sidecar's socket directory (holding `broker.sock`): regions a colocated sidecar
+    /// grants are redeemed there and read in place
+    #[arg(long, env = "REMOTEMEDIA_WORKER_BROKER")]
+    pub broker: Option<PathBuf>,
+
     /// Requests run at once; more wait in the queue
     #[arg(long, env = "REMOTEMEDIA_WORKER_MAX_CONCURRENCY", default_value_t = defaults::MAX_CONCURRENCY)]
     pub max_concurrency: usize,
@@ -129,6 +134,7 @@ pub struct Settings {
     pub port: u16,
     pub admin_port: u16,
     pub uds: Option<PathBuf>,
+    pub broker: Option<PathBuf>,
     pub max_concurrency: usize,
     pub max_queue: usize,
     pub max_message_bytes: usize,
@@ -154,6 +160,8 @@ pub enum ConfigError {
     Zero { flag: &'static str },
     #[error("invalid --uds {path}: {reason}")]
     Uds { path: PathBuf, reason: &'static str },
+    #[error("invalid --broker {0}: not an absolute path")]
+    RelativeBroker(PathBuf),
 }
 
 /// CUDA devices the model could run on: those libtorch sees.
@@ -183,6 +191,7 @@ impl Config {
             port,
             admin_port,
             uds,
+            broker,
             max_concurrency,
             max_queue,
             max_message_bytes,
@@ -191,6 +200,9 @@ impl Config {
             allow_named_shm,
             termination_log: _,
         } = self;
+        if let Some(dir) = broker.as_ref().filter(|dir| !dir.is_absolute()) {
+            return Err(ConfigError::RelativeBroker(dir.clone()));
+        }
         // The device first: a model that cannot run on it is beside the point.
         check_device(device, cuda_device_count())?;
         let source = ModelSource::parse(&model_path)?;
@@ -227,6 +239,7 @@ impl Config {
             port,
             admin_port,
             uds,
+            broker,
             max_concurrency,
             max_queue,
             max_message_bytes,

@@ -6,8 +6,9 @@
 //! versus typed `contents`, the number of raw entries, unknown or repeated inputs and outputs.
 //! Raw tensor bytes stay the `Bytes` slices of the received message; typed `contents` are packed
 //! into little-endian bytes once; tensors in shared memory (Triton's `shared_memory_*`
-//! parameters) are resolved through the [`SharedMemoryRegistry`] passed in, read in place. The
-//! module holds no server state so the sidecar can reuse it.
+//! parameters) are resolved through the [`Resolve`]r passed in (the worker's registry, or a
+//! request's own redeemed regions beside it), read in place. The module holds no server state
+//! so the sidecar can reuse it.
 
 use std::collections::HashSet;
 
@@ -21,7 +22,7 @@ use std::collections::HashMap;
 
 use crate::{
     model::{ModelSignature, TensorSpec},
-    shm::{OutputSlot, SharedMemoryError, SharedMemoryRef, SharedMemoryRegistry},
+    shm::{OutputSlot, Resolve, SharedMemoryError, SharedMemoryRef},
     tensor::{DataType, TensorView},
 };
 
@@ -178,7 +179,7 @@ impl InferRequest {
 pub fn decode_request(
     request: ModelInferRequest,
     signature: &ModelSignature,
-    shared_memory: Option<&SharedMemoryRegistry>,
+    shared_memory: Option<&dyn Resolve>,
 ) -> Result<InferRequest, DecodeError> {
     let ModelInferRequest {
         id,
@@ -238,7 +239,7 @@ fn decode_input(
     raw: Option<Bytes>,
     shared: Option<SharedMemoryRef>,
     signature: &ModelSignature,
-    shared_memory: Option<&SharedMemoryRegistry>,
+    shared_memory: Option<&dyn Resolve>,
 ) -> Result<InputTensor, DecodeError> {
     let InferInputTensor {
         name,
@@ -368,7 +369,7 @@ fn decode_input(
 fn decode_outputs(
     requested: Vec<InferRequestedOutputTensor>,
     signature: &ModelSignature,
-    shared_memory: Option<&SharedMemoryRegistry>,
+    shared_memory: Option<&dyn Resolve>,
 ) -> Result<Vec<RequestedOutput>, DecodeError> {
     if requested.is_empty() {
         return Ok((0..signature.outputs.len())
@@ -625,6 +626,7 @@ mod tests {
     use remotemedia_proto::inference::infer_parameter::ParameterChoice;
 
     use super::*;
+    use crate::shm::SharedMemoryRegistry;
 
     fn spec(name: &str, datatype: Option<DataType>, dims: Option<Vec<i64>>) -> TensorSpec {
         TensorSpec {

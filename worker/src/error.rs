@@ -2,7 +2,9 @@
 
 use tonic::{Code, Status};
 
-use crate::{backend::BackendError, decode::DecodeError, shm::SharedMemoryError};
+use crate::{
+    backend::BackendError, decode::DecodeError, granted::GrantError, shm::SharedMemoryError,
+};
 
 /// A request the worker could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,8 @@ pub enum ServiceError {
     Panicked,
     #[error(transparent)]
     SharedMemory(#[from] SharedMemoryError),
+    #[error(transparent)]
+    Grant(#[from] GrantError),
 }
 
 impl From<ServiceError> for Status {
@@ -48,6 +52,7 @@ impl From<ServiceError> for Status {
                 Status::not_found(message)
             }
             ServiceError::NotReady(_) => Status::unavailable(message),
+            ServiceError::Grant(error) => Status::new(error.code(), message),
             ServiceError::QueueFull(_) => Status::resource_exhausted(message),
             ServiceError::Backend(BackendError::Failed(_)) | ServiceError::Panicked => {
                 // The details are the model's internals: log them, tell the client only that it

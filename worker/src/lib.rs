@@ -12,6 +12,7 @@ pub mod decode;
 pub mod defaults;
 mod error;
 mod executor;
+mod granted;
 mod http;
 mod lifecycle;
 mod metrics;
@@ -42,6 +43,7 @@ pub use crate::config::{Config, ConfigError, Settings};
 use crate::{
     backend::LoadError,
     executor::{Executor, ModelStats},
+    granted::Granted,
     http::Health,
     lifecycle::Lifecycle,
     metrics::Metrics,
@@ -69,6 +71,12 @@ pub enum RunError {
     UnixSocketInUse(PathBuf),
     #[error("failed to listen for signals")]
     Signals(#[source] io::Error),
+    #[error("failed to open a session at the node broker in {}", dir.display())]
+    Broker {
+        dir: PathBuf,
+        #[source]
+        source: remotemedia_runtime_core::shm::broker::BrokerError,
+    },
     #[error("failed to load model '{model}'")]
     Load {
         model: String,
@@ -89,6 +97,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         port,
         admin_port,
         uds,
+        broker,
         max_concurrency,
         max_queue,
         max_message_bytes,
@@ -116,12 +125,25 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             metrics.shm_regions.clone(),
         ))
     });
+    let granted = match &broker {
+        Some(dir) => {
+            let label = format!("worker:{model_id}");
+            let granted = Granted::connect(dir, &label, metrics.shm_misaligned_copies.clone())
+                .map_err(|source| RunError::Broker {
+                    dir: dir.clone(),
+                    source,
+                })?;
+            Some(Arc::new(granted))
+        }
+        None => None,
+    };
     let service = InferenceService::new(
         source.describe(&model_id),
         stats.clone(),
         lifecycle.clone(),
         metrics.clone(),
         shared_memory,
+        granted,
     );
     let health = Health {
         lifecycle: lifecycle.clone(),

@@ -30,10 +30,11 @@ use crate::{
     defaults,
     error::ServiceError,
     executor::{Executor, ModelStats, Stat},
+    granted::{GrantError, Granted, has_grants},
     lifecycle::Lifecycle,
     metrics::{Metrics, Outcome},
     model::ModelDescription,
-    shm::{SharedMemoryError, SharedMemoryRegistry},
+    shm::{Resolve, SharedMemoryError, SharedMemoryRegistry},
     tensor::OutputTensor,
 };
 
@@ -61,6 +62,8 @@ struct Inner {
     metrics: Metrics,
     /// Registered system shared-memory regions; `None` when `--allow-named-shm` is off.
     shared_memory: Option<Arc<SharedMemoryRegistry>>,
+    /// The node broker session grants are redeemed on (`--broker`).
+    granted: Option<Arc<Granted>>,
 }
 
 impl InferenceService {
@@ -70,6 +73,7 @@ impl InferenceService {
         lifecycle: Arc<Lifecycle>,
         metrics: Metrics,
         shared_memory: Option<Arc<SharedMemoryRegistry>>,
+        granted: Option<Arc<Granted>>,
     ) -> Self {
         InferenceService {
             inner: Arc::new(Inner {
@@ -79,6 +83,7 @@ impl InferenceService {
                 lifecycle,
                 metrics,
                 shared_memory,
+                granted,
             }),
         }
     }
@@ -156,11 +161,34 @@ impl InferenceService {
             .executor
             .get()
             .ok_or_else(|| ServiceError::NotReady(model.name.clone()))?;
-        let mut decoded = decode_request(
-            request,
-            &model.signature,
-            self.inner.shared_memory.as_deref(),
-        )?;
+        // Grants from a colocated sidecar: redeemed (a broker round trip each) off the runtime.
+        let (request, regions) = match (&self.inner.granted, has_grants(&request)) {
+            (_, false) => (request, Default::default()),
+            (None, true) => return Err(GrantError::NoBroker.into()),
+            (Some(granted), true) => {
+                let granted = granted.clone();
+                let mut request = request;
+                tokio::task::spawn_blocking(move || {
+                    granted
+                        .redeem(&mut request)
+                        .map(|regions| (request, regions))
+                })
+                .await
+                .map_err(|_| ServiceError::Panicked)??
+            }
+        };
+        let named = self.inner.shared_memory.as_deref();
+        let resolver = self
+            .inner
+            .granted
+            .as_ref()
+            .filter(|_| !regions.is_empty())
+            .map(|granted| granted.resolver(&regions, named));
+        let shared: Option<&dyn Resolve> = match &resolver {
+            Some(resolver) => Some(resolver),
+            None => named.map(|named| named as &dyn Resolve),
+        };
+        let mut decoded = decode_request(request, &model.signature, shared)?;
         let id = std::mem::take(&mut decoded.id);
         let wanted = std::mem::take(&mut decoded.outputs);
         let outputs = executor.infer(decoded).await?;

@@ -106,7 +106,7 @@ struct Entry {
 }
 
 /// One registered range and its two mappings.
-struct Registration {
+pub(crate) struct Registration {
     name: String,
     key: String,
     offset: u64,
@@ -321,32 +321,95 @@ impl SharedMemoryRegistry {
         tensor: &SharedMemoryRef,
         alignment: usize,
     ) -> Result<Bytes, SharedMemoryError> {
-        let registration = self.lease(&tensor.region)?;
-        let (start, len) = registration.locate(tensor)?;
-        let slice = InputSlice {
-            registration,
-            start,
-            len,
-        };
-        let address = slice.as_ref().as_ptr() as usize;
-        if alignment <= 1 || address.is_multiple_of(alignment) {
-            return Ok(Bytes::from_owner(slice));
-        }
-        self.misaligned_copies.inc();
-        Ok(Bytes::from_owner(AlignedCopy::of(slice.as_ref())))
+        input_in(
+            self.lease(&tensor.region)?,
+            tensor,
+            alignment,
+            &self.misaligned_copies,
+        )
     }
 
     /// Where an output requested in shared memory goes; holds a lease until dropped.
     pub fn output(&self, tensor: &SharedMemoryRef) -> Result<OutputSlot, SharedMemoryError> {
-        let registration = self.lease(&tensor.region)?;
-        let (start, len) = registration.locate(tensor)?;
-        Ok(OutputSlot {
-            registration,
-            reference: tensor.clone(),
-            start,
-            len,
-        })
+        output_in(self.lease(&tensor.region)?, tensor)
     }
+}
+
+/// Resolves the shared-memory tensors of a request: the registry itself, or a request's own
+/// regions beside it (see `crate::granted`).
+pub trait Resolve {
+    fn input(&self, tensor: &SharedMemoryRef, alignment: usize)
+    -> Result<Bytes, SharedMemoryError>;
+    fn output(&self, tensor: &SharedMemoryRef) -> Result<OutputSlot, SharedMemoryError>;
+}
+
+impl Resolve for SharedMemoryRegistry {
+    fn input(
+        &self,
+        tensor: &SharedMemoryRef,
+        alignment: usize,
+    ) -> Result<Bytes, SharedMemoryError> {
+        SharedMemoryRegistry::input(self, tensor, alignment)
+    }
+
+    fn output(&self, tensor: &SharedMemoryRef) -> Result<OutputSlot, SharedMemoryError> {
+        SharedMemoryRegistry::output(self, tensor)
+    }
+}
+
+/// A whole sealed region (a redeemed grant) as a registration: offsets are absolute.
+pub(crate) fn sealed_registration(
+    name: String,
+    fd: std::sync::Arc<std::os::fd::OwnedFd>,
+) -> Result<Arc<Registration>, ShmError> {
+    let input = Arc::new(Region::from_sealed(fd.clone(), Access::Private)?);
+    let output = Arc::new(Region::from_sealed(fd, Access::Shared)?);
+    // Nobody waits for this registration's release: the receiver is dropped at once.
+    let (sender, _) = oneshot::channel();
+    Ok(Arc::new(Registration {
+        key: String::new(),
+        offset: 0,
+        byte_size: input.len() as u64,
+        name,
+        input,
+        output,
+        _released: sender,
+    }))
+}
+
+/// [`SharedMemoryRegistry::input`] for a registration already leased.
+pub(crate) fn input_in(
+    registration: Arc<Registration>,
+    tensor: &SharedMemoryRef,
+    alignment: usize,
+    misaligned_copies: &Counter,
+) -> Result<Bytes, SharedMemoryError> {
+    let (start, len) = registration.locate(tensor)?;
+    let slice = InputSlice {
+        registration,
+        start,
+        len,
+    };
+    let address = slice.as_ref().as_ptr() as usize;
+    if alignment <= 1 || address.is_multiple_of(alignment) {
+        return Ok(Bytes::from_owner(slice));
+    }
+    misaligned_copies.inc();
+    Ok(Bytes::from_owner(AlignedCopy::of(slice.as_ref())))
+}
+
+/// [`SharedMemoryRegistry::output`] for a registration already leased.
+pub(crate) fn output_in(
+    registration: Arc<Registration>,
+    tensor: &SharedMemoryRef,
+) -> Result<OutputSlot, SharedMemoryError> {
+    let (start, len) = registration.locate(tensor)?;
+    Ok(OutputSlot {
+        registration,
+        reference: tensor.clone(),
+        start,
+        len,
+    })
 }
 
 /// Input bytes read in place from a registration's private mapping.

@@ -48,6 +48,9 @@ enum Holder {
     Reader(OwnedFd),
     /// A brokered region: this process's hold at the node broker, released on drop.
     Brokered(Arc<RegionHandle>),
+    /// A sealed region's descriptor whose hold someone else keeps (the sidecar's router for a
+    /// request in flight, a model worker's redeemed grant): only the mapping is ours.
+    Sealed(Arc<OwnedFd>),
 }
 
 impl Region {
@@ -164,6 +167,30 @@ impl Region {
         })
     }
 
+    /// Maps a sealed region by its descriptor alone, after checking its seals and size (so no
+    /// holder can shrink it under the mapping). Its id is unknown here: [`Region::id`] says
+    /// `(sealed)`. The sidecar maps client regions this way to serve them inline, and a model
+    /// worker maps the regions it redeemed.
+    pub fn from_sealed(fd: Arc<OwnedFd>, access: Access) -> Result<Self, ShmError> {
+        let id = RegionId("(sealed)".into());
+        let size = fstat(fd.as_fd())
+            .map_err(|e| os("inspect", &id, e))?
+            .st_size;
+        let len = usize::try_from(size)
+            .ok()
+            .and_then(NonZeroUsize::new)
+            .ok_or_else(|| ShmError::EmptyRegion { id: id.0.clone() })?;
+        super::broker::memfd::verify(fd.as_fd(), len.get() as u64)
+            .map_err(|e| ShmError::Broker(e.into()))?;
+        let mapping = Mapping::map(fd.as_fd(), len, access).map_err(|e| os("map", &id, e))?;
+        Ok(Self {
+            id,
+            access,
+            mapping,
+            holder: Holder::Sealed(fd),
+        })
+    }
+
     /// The id another process passes to [`Region::open`].
     pub fn id(&self) -> &RegionId {
         &self.id
@@ -209,7 +236,7 @@ impl Region {
     pub(crate) fn has_readers(&self) -> Result<bool, ShmError> {
         // Who else holds a brokered region is known only to the broker: assume someone does, so
         // the allocator gives it back (Release) instead of pooling it.
-        if matches!(self.holder, Holder::Brokered(_)) {
+        if matches!(self.holder, Holder::Brokered(_) | Holder::Sealed(_)) {
             return Ok(true);
         }
         let mut probe = reader_lock(libc_lock_type::WRITE);
@@ -236,6 +263,7 @@ impl Region {
             Holder::Owner(lock) => lock.as_fd(),
             Holder::Reader(fd) => fd.as_fd(),
             Holder::Brokered(handle) => handle.fd(),
+            Holder::Sealed(fd) => fd.as_fd(),
         }
     }
 }

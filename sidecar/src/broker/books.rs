@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use remotemedia_runtime_core::shm::broker::memfd;
 use remotemedia_runtime_core::shm::broker::{
-    ErrorCode, LabelUsage, Refusal, RegionKey, SessionStats, SessionToken,
+    ErrorCode, GrantToken, LabelUsage, Refusal, RegionHandleId, RegionKey, SessionStats,
+    SessionToken,
 };
 
 /// Region sizes are whole pages.
@@ -48,7 +49,23 @@ struct State {
     next_session: u64,
     /// Bytes of every live region plus reservations for regions being created.
     node_bytes: u64,
+    /// One-time grants of requests in flight (see [`InFlight::grant`]).
+    grants: HashMap<GrantToken, Issued>,
+    next_group: u64,
 }
+
+/// A grant not yet redeemed: the region, the request it belongs to, and, once any grant of that
+/// request was redeemed, the session that did it (the only one that may redeem the others).
+#[derive(Debug)]
+struct Issued {
+    key: RegionKey,
+    group: GrantGroup,
+    redeemer: Option<SessionId>,
+}
+
+/// The grants issued for one forwarded request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GrantGroup(u64);
 
 #[derive(Debug)]
 struct Region {
@@ -70,6 +87,9 @@ struct Session {
     regions: usize,
     charged: u64,
     labels: HashMap<String, LabelUsage>,
+    /// Regions this session holds through Redeem, by the handle it knows them by.
+    handles: HashMap<RegionHandleId, RegionKey>,
+    next_handle: u64,
 }
 
 /// A new session: its id inside the sidecar and the token its client learns.
@@ -146,6 +166,8 @@ impl Books {
                 regions: 0,
                 charged: 0,
                 labels: HashMap::new(),
+                handles: HashMap::new(),
+                next_handle: 0,
             },
         );
         Ok(Ticket { id, token })
@@ -407,7 +429,87 @@ impl Books {
             books: self.clone(),
             key,
             fd: region.fd.clone(),
+            grants: Vec::new(),
         })
+    }
+
+    /// A fresh group for the grants of one forwarded request.
+    pub fn grant_group(&self) -> GrantGroup {
+        let mut state = self.state();
+        state.next_group += 1;
+        GrantGroup(state.next_group)
+    }
+
+    /// Turns a grant into a hold for `session` (Redeem): once, while the hold it was issued from
+    /// lives, and only for the session that redeemed the first grant of its request. A region
+    /// the session already holds through Redeem comes back as the same handle, without the
+    /// descriptor. Every refusal is the same NOT_FOUND, so a guessed grant learns nothing.
+    pub fn redeem(
+        &self,
+        session: SessionId,
+        grant: GrantToken,
+    ) -> Result<(RegionHandleId, NonZeroU64, Option<Arc<OwnedFd>>), Refusal> {
+        let mut state = self.state();
+        let state = &mut *state;
+        let issued = state.grants.get(&grant).ok_or_else(not_found)?;
+        if issued.redeemer.is_some_and(|redeemer| redeemer != session) {
+            return Err(not_found());
+        }
+        let (key, group) = (issued.key, issued.group);
+        let entry = state.sessions.get_mut(&session).ok_or_else(not_found)?;
+        let region = state.regions.get_mut(&key).ok_or_else(not_found)?;
+        let size = NonZeroU64::new(region.size).expect("regions are never empty");
+        let known = entry
+            .handles
+            .iter()
+            .find(|(_, held)| **held == key)
+            .map(|(handle, _)| *handle);
+        let reply = match known {
+            Some(handle) => (handle, size, None),
+            None => {
+                let first_hold = !region.holders.contains_key(&session);
+                if first_hold && entry.regions >= self.limits.max_regions_per_session {
+                    return Err(refuse(
+                        ErrorCode::ResourceExhausted,
+                        format!("session holds {} regions, the most allowed", entry.regions),
+                    ));
+                }
+                *region.holders.entry(session).or_insert(0) += 1;
+                entry.regions += usize::from(first_hold);
+                entry.next_handle += 1;
+                let handle =
+                    RegionHandleId(NonZeroU64::new(entry.next_handle).expect("counts up from 1"));
+                entry.handles.insert(handle, key);
+                (handle, size, Some(region.fd.clone()))
+            }
+        };
+        state.grants.remove(&grant);
+        for other in state.grants.values_mut() {
+            if other.group == group {
+                other.redeemer = Some(session);
+            }
+        }
+        Ok(reply)
+    }
+
+    /// Drops the hold a Redeem gave `session` on the region it knows as `handle` (Forget).
+    pub fn forget(&self, session: SessionId, handle: RegionHandleId) -> Result<(), Refusal> {
+        let mut state = self.state();
+        let key = state
+            .sessions
+            .get_mut(&session)
+            .and_then(|entry| entry.handles.remove(&handle))
+            .ok_or_else(not_found)?;
+        let holds = state
+            .regions
+            .get_mut(&key)
+            .and_then(|region| region.holders.get_mut(&session))
+            .ok_or_else(not_found)?;
+        *holds -= 1;
+        if *holds == 0 {
+            state.drop_holder(session, key);
+        }
+        Ok(())
     }
 
     pub fn totals(&self) -> NodeTotals {
@@ -484,6 +586,7 @@ impl State {
         region.holders.remove(&session);
         if let Some(entry) = self.sessions.get_mut(&session) {
             entry.regions -= 1;
+            entry.handles.retain(|_, held| *held != key);
             if let Some((payer, label)) = &region.charge
                 && *payer == session
             {
@@ -505,12 +608,14 @@ impl State {
     }
 }
 
-/// A request's hold on a region; the region is destroyed on drop if nobody holds it any more.
+/// A request's hold on a region; the region is destroyed on drop if nobody holds it any more,
+/// and the grants issued from it are void.
 #[derive(Debug)]
 pub struct InFlight {
     books: Arc<Books>,
     key: RegionKey,
     fd: Arc<OwnedFd>,
+    grants: Vec<GrantToken>,
 }
 
 impl InFlight {
@@ -518,11 +623,49 @@ impl InFlight {
     pub fn fd(&self) -> &Arc<OwnedFd> {
         &self.fd
     }
+
+    /// The region's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.books
+            .state()
+            .regions
+            .get(&self.key)
+            .map_or(0, |region| region.size)
+    }
+
+    /// A one-time grant for this region, valid while this hold lives (see [`Books::redeem`]);
+    /// `group` ties together the grants of one request.
+    pub fn grant(&mut self, group: GrantGroup) -> Result<GrantToken, Refusal> {
+        let grant = GrantToken::random()
+            .map_err(|_| refuse(ErrorCode::Internal, "failed to draw a grant"))?;
+        self.books.state().grants.insert(
+            grant,
+            Issued {
+                key: self.key,
+                group,
+                redeemer: None,
+            },
+        );
+        self.grants.push(grant);
+        Ok(grant)
+    }
+
+    /// Voids every grant issued from this hold (the request went to a worker that failed, and
+    /// is retried elsewhere with fresh grants).
+    pub fn void_grants(&mut self) {
+        let mut state = self.books.state();
+        for grant in self.grants.drain(..) {
+            state.grants.remove(&grant);
+        }
+    }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         let mut state = self.books.state();
+        for grant in &self.grants {
+            state.grants.remove(grant);
+        }
         if let Some(region) = state.regions.get_mut(&self.key) {
             region.in_flight -= 1;
         }

@@ -3,5 +3,7 @@
 mod books;
 mod server;
 
-pub use books::{Books, Grant, InFlight, LabelSummary, Limits, NodeTotals, SessionId, Ticket};
+pub use books::{
+    Books, Grant, GrantGroup, InFlight, LabelSummary, Limits, NodeTotals, SessionId, Ticket,
+};
 pub use server::serve;

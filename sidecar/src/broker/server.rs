@@ -149,6 +149,10 @@ fn handle(
             .adopt(session, key, size, label, owner, fd)
             .map(|()| Response::Adopted),
         Request::Stats => Ok(Response::Stats(books.stats(session))),
+        Request::Redeem { grant } => books
+            .redeem(session, grant)
+            .map(|(handle, size, fd)| Response::Redeemed { handle, size, fd }),
+        Request::Forget { handle } => books.forget(session, handle).map(|()| Response::Forgotten),
         Request::Hello { .. } => return None,
     };
     Some(answer.unwrap_or_else(Response::Error))

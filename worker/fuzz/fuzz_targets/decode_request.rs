@@ -12,7 +12,7 @@ use prost::Message;
 use remotemedia_model_worker::{
     decode::decode_request,
     model::{ModelSignature, TensorSpec},
-    shm::SharedMemoryRegistry,
+    shm::{Resolve, SharedMemoryRegistry},
     tensor::DataType,
 };
 use remotemedia_proto::inference::ModelInferRequest;
@@ -52,7 +52,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     for signature in signatures() {
-        for shared_memory in [None, Some(&SHARED_MEMORY.1)] {
+        for shared_memory in [None, Some(&SHARED_MEMORY.1 as &dyn Resolve)] {
             let Ok(decoded) = decode_request(request.clone(), &signature, shared_memory) else {
                 continue;
             };

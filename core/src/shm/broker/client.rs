@@ -12,7 +12,8 @@ use std::time::Duration;
 use super::memfd::{self, SealError};
 use super::socket::{self, RecvError};
 use super::wire::{
-    self, ErrorCode, PacketError, Refusal, RegionKey, Request, Response, SessionStats, SessionToken,
+    self, ErrorCode, GrantToken, PacketError, Refusal, RegionHandleId, RegionKey, Request,
+    Response, SessionStats, SessionToken,
 };
 
 /// Environment variable that turns the broker on for a client process: the sidecar's socket
@@ -139,6 +140,17 @@ impl Drop for RegionHandle {
     }
 }
 
+/// What a grant gave this session (see [`BrokerClient::redeem`]).
+#[derive(Debug)]
+pub struct Redeemed {
+    /// The region within this session; the same for every grant of it while the session holds
+    /// it.
+    pub handle: RegionHandleId,
+    pub size: NonZeroU64,
+    /// The sealed memfd, only when the session did not hold the region yet (checked).
+    pub fd: Option<OwnedFd>,
+}
+
 impl BrokerClient {
     /// Connects to `<socket_dir>/broker.sock` and opens a session named `label` (shown, with
     /// counts and bytes, on the sidecar's `/debug/sessions`).
@@ -213,6 +225,32 @@ impl BrokerClient {
         const OP: &str = "open a brokered region";
         match self.shared.call(OP, &Request::Open { key })? {
             Response::Opened { size, fd } => self.shared.adopt_handle(key, size, false, "", fd),
+            other => Err(unexpected(OP, &other)),
+        }
+    }
+
+    /// Turns a one-time grant (a model worker's side of a request the sidecar forwarded) into a
+    /// hold on its region. The session keeps the hold until [`BrokerClient::forget`] or until it
+    /// closes; after a broker restart the handles of the old session mean nothing (compare
+    /// [`BrokerClient::session_token`]).
+    pub fn redeem(&self, grant: GrantToken) -> Result<Redeemed, BrokerError> {
+        const OP: &str = "redeem a region grant";
+        match self.shared.call(OP, &Request::Redeem { grant })? {
+            Response::Redeemed { handle, size, fd } => {
+                if let Some(fd) = &fd {
+                    memfd::verify(fd.as_fd(), size.get())?;
+                }
+                Ok(Redeemed { handle, size, fd })
+            }
+            other => Err(unexpected(OP, &other)),
+        }
+    }
+
+    /// Drops the hold a [`BrokerClient::redeem`] gave this session.
+    pub fn forget(&self, handle: RegionHandleId) -> Result<(), BrokerError> {
+        const OP: &str = "forget a redeemed region";
+        match self.shared.call(OP, &Request::Forget { handle })? {
+            Response::Forgotten => Ok(()),
             other => Err(unexpected(OP, &other)),
         }
     }
@@ -491,6 +529,8 @@ fn kind<F>(reply: &Response<F>) -> &'static str {
         Response::Released => "release",
         Response::Adopted => "adopt",
         Response::Stats(_) => "stats",
+        Response::Redeemed { .. } => "redeem",
+        Response::Forgotten => "forget",
         Response::Error(_) => "error",
     }
 }

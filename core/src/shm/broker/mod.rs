@@ -35,6 +35,10 @@ pub mod socket;
 pub mod wire;
 
 pub use client::{
-    BROKER_SOCKET, BrokerClient, BrokerError, RegionHandle, SIDECAR_ENV, socket_dir_from_env,
+    BROKER_SOCKET, BrokerClient, BrokerError, Redeemed, RegionHandle, SIDECAR_ENV,
+    socket_dir_from_env,
 };
-pub use wire::{ErrorCode, LabelUsage, Refusal, RegionKey, SessionStats, SessionToken};
+pub use wire::{
+    ErrorCode, GrantToken, LabelUsage, Refusal, RegionHandleId, RegionKey, SessionStats,
+    SessionToken,
+};

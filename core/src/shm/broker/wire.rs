@@ -34,6 +34,16 @@ pub struct RegionKey([u8; 16]);
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SessionToken([u8; 16]);
 
+/// A one-time grant for a region, issued by the sidecar's router for one forwarded request and
+/// redeemed by the colocated worker (Redeem): 128 random bits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct GrantToken([u8; 16]);
+
+/// A region as a session that redeemed a grant for it knows it: a per-session number, never
+/// the region's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegionHandleId(pub NonZeroU64);
+
 macro_rules! secret_bytes {
     ($name:ident) => {
         impl $name {
@@ -93,6 +103,7 @@ macro_rules! secret_bytes {
 
 secret_bytes!(RegionKey);
 secret_bytes!(SessionToken);
+secret_bytes!(GrantToken);
 
 /// A request, validated. `F` is the descriptor type (`OwnedFd` received, `BorrowedFd` to send).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +129,12 @@ pub enum Request<F> {
         fd: F,
     },
     Stats,
+    Redeem {
+        grant: GrantToken,
+    },
+    Forget {
+        handle: RegionHandleId,
+    },
 }
 
 /// A reply, validated.
@@ -138,6 +155,13 @@ pub enum Response<F> {
     Released,
     Adopted,
     Stats(SessionStats),
+    /// The descriptor comes only when the session did not hold the region yet.
+    Redeemed {
+        handle: RegionHandleId,
+        size: NonZeroU64,
+        fd: Option<F>,
+    },
+    Forgotten,
     Error(Refusal),
 }
 
@@ -250,6 +274,8 @@ pub enum PacketError {
     TooManyLabels { count: usize },
     #[error("failed to decode broker packet: unknown error code {code}")]
     UnknownCode { code: i32 },
+    #[error("failed to decode broker packet: region handle 0")]
+    ZeroHandle,
 }
 
 /// Decodes a request and checks it carries exactly the descriptors its kind needs.
@@ -299,6 +325,18 @@ pub fn decode_request<F>(bytes: &[u8], fds: Vec<F>) -> Result<Request<F>, Packet
         Kind::Stats(pb::GetStats {}) => {
             no_descriptors("stats", fds)?;
             Request::Stats
+        }
+        Kind::Redeem(redeem) => {
+            no_descriptors("redeem", fds)?;
+            Request::Redeem {
+                grant: GrantToken::from_wire(&redeem.grant)?,
+            }
+        }
+        Kind::Forget(forget) => {
+            no_descriptors("forget", fds)?;
+            Request::Forget {
+                handle: handle(forget.handle)?,
+            }
         }
     })
 }
@@ -365,6 +403,21 @@ pub fn decode_response<F>(bytes: &[u8], fds: Vec<F>) -> Result<Response<F>, Pack
                 labels,
             })
         }
+        Kind::Redeem(redeem) => {
+            let handle = handle(redeem.handle)?;
+            let size = size(redeem.size)?;
+            let fd = if redeem.attached {
+                Some(one_descriptor("redeem reply", fds)?)
+            } else {
+                no_descriptors("redeem reply", fds)?;
+                None
+            };
+            Response::Redeemed { handle, size, fd }
+        }
+        Kind::Forget(pb::ForgetReply {}) => {
+            no_descriptors("forget reply", fds)?;
+            Response::Forgotten
+        }
         Kind::Error(error) => {
             no_descriptors("error reply", fds)?;
             // The message is for people; cap it rather than refuse the reply.
@@ -412,6 +465,12 @@ impl<F> Request<F> {
                 owner: *owner,
             }),
             Self::Stats => Kind::Stats(pb::GetStats {}),
+            Self::Redeem { grant } => Kind::Redeem(pb::Redeem {
+                grant: grant.0.to_vec(),
+            }),
+            Self::Forget { handle } => Kind::Forget(pb::Forget {
+                handle: handle.0.get(),
+            }),
         };
         pb::Request { kind: Some(kind) }.encode_to_vec()
     }
@@ -433,6 +492,8 @@ impl<F> Request<F> {
             Self::Release { .. } => "release",
             Self::Adopt { .. } => "adopt",
             Self::Stats => "stats",
+            Self::Redeem { .. } => "redeem",
+            Self::Forget { .. } => "forget",
         }
     }
 }
@@ -467,6 +528,12 @@ impl<F> Response<F> {
                     })
                     .collect(),
             }),
+            Self::Redeemed { handle, size, fd } => Kind::Redeem(pb::RedeemReply {
+                handle: handle.0.get(),
+                size: size.get(),
+                attached: fd.is_some(),
+            }),
+            Self::Forgotten => Kind::Forget(pb::ForgetReply {}),
             Self::Error(refusal) => Kind::Error(pb::Error {
                 code: refusal.code.to_wire().into(),
                 message: refusal.message.clone(),
@@ -479,6 +546,7 @@ impl<F> Response<F> {
     pub fn descriptor(&self) -> Option<&F> {
         match self {
             Self::Allocated { fd, .. } | Self::Opened { fd, .. } => Some(fd),
+            Self::Redeemed { fd, .. } => fd.as_ref(),
             _ => None,
         }
     }
@@ -510,6 +578,12 @@ fn size(size: u64) -> Result<NonZeroU64, PacketError> {
     NonZeroU64::new(size)
         .filter(|size| size.get() <= MAX_REGION_BYTES)
         .ok_or(PacketError::BadSize { size })
+}
+
+fn handle(handle: u64) -> Result<RegionHandleId, PacketError> {
+    NonZeroU64::new(handle)
+        .map(RegionHandleId)
+        .ok_or(PacketError::ZeroHandle)
 }
 
 fn no_descriptors<F>(kind: &'static str, fds: Vec<F>) -> Result<(), PacketError> {
@@ -574,7 +648,23 @@ mod tests {
                 }
             ),
             Just(Request::Stats),
+            any::<[u8; 16]>().prop_map(|grant| Request::Redeem {
+                grant: GrantToken(grant)
+            }),
+            (1..=u64::MAX).prop_map(|handle| Request::Forget {
+                handle: RegionHandleId(nz(handle))
+            }),
         ]
+    }
+
+    fn response_strategy() -> impl Strategy<Value = Response<u8>> {
+        (1..=u64::MAX, 1..=MAX_REGION_BYTES, any::<Option<u8>>()).prop_map(|(handle, size, fd)| {
+            Response::Redeemed {
+                handle: RegionHandleId(nz(handle)),
+                size: nz(size),
+                fd,
+            }
+        })
     }
 
     fn fds_of<F: Copy>(request: &Request<F>) -> Vec<F> {
@@ -600,6 +690,19 @@ mod tests {
         ] {
             assert_eq!(RegionKey::parse_hex(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn grants_never_print_and_handle_zero_is_refused() {
+        let grant = GrantToken::random().unwrap();
+        assert_eq!(format!("{grant:?}"), "GrantToken(redacted)");
+        let forget = pb::Request {
+            kind: Some(pb::request::Kind::Forget(pb::Forget { handle: 0 })),
+        };
+        assert!(matches!(
+            decode_request::<u8>(&forget.encode_to_vec(), vec![]),
+            Err(PacketError::ZeroHandle)
+        ));
     }
 
     #[test]
@@ -718,6 +821,25 @@ mod tests {
             let fds = fds_of(&request);
             let decoded = decode_request(&request.encode(), fds).unwrap();
             prop_assert_eq!(decoded, request);
+        }
+
+        #[test]
+        fn redeem_replies_round_trip_with_exactly_the_descriptor_they_announce(
+            response in response_strategy(),
+        ) {
+            let fds: Vec<u8> = response.descriptor().copied().into_iter().collect();
+            let decoded = decode_response(&response.encode(), fds.clone()).unwrap();
+            prop_assert_eq!(&decoded, &response);
+            // One descriptor more or less than announced is refused.
+            let mut other = fds;
+            if other.pop().is_none() {
+                other.push(3);
+            }
+            let refused = matches!(
+                decode_response(&response.encode(), other),
+                Err(PacketError::Descriptors { .. })
+            );
+            prop_assert!(refused);
         }
 
         #[test]

@@ -271,3 +271,79 @@ proptest! {
         prop_assert_eq!(books.totals(), NodeTotals::default());
     }
 }
+
+/// A client session holding a fresh region, and a worker session.
+fn client_and_worker(books: &Arc<Books>) -> (Ticket, RegionKey, SessionId) {
+    let client = books.open_session("app".into()).unwrap();
+    let key = books
+        .allocate(client.id, size(4096), String::new())
+        .unwrap()
+        .key;
+    let worker = books.open_session("worker".into()).unwrap().id;
+    (client, key, worker)
+}
+
+#[test]
+fn a_grant_is_honoured_once_and_only_while_its_request_is_in_flight() {
+    let books = books(limits());
+    let (client, key, worker) = client_and_worker(&books);
+    let mut hold = books.hold(&client.token, key).unwrap();
+    let group = books.grant_group();
+    let grant = hold.grant(group).unwrap();
+    let (_, redeemed_size, fd) = books.redeem(worker, grant).unwrap();
+    assert_eq!(redeemed_size.get(), 4096);
+    assert!(fd.is_some(), "first redemption carries the descriptor");
+    assert_eq!(code(books.redeem(worker, grant)), ErrorCode::NotFound);
+    let unused = hold.grant(group).unwrap();
+    drop(hold);
+    assert_eq!(
+        code(books.redeem(worker, unused)),
+        ErrorCode::NotFound,
+        "request finished"
+    );
+}
+
+#[test]
+fn the_other_grants_of_a_request_are_refused_to_another_session() {
+    let books = books(limits());
+    let (client, key, worker) = client_and_worker(&books);
+    let intruder = books.open_session("intruder".into()).unwrap().id;
+    let mut hold = books.hold(&client.token, key).unwrap();
+    let group = books.grant_group();
+    let (first, second) = (hold.grant(group).unwrap(), hold.grant(group).unwrap());
+    books.redeem(worker, first).unwrap();
+    assert_eq!(code(books.redeem(intruder, second)), ErrorCode::NotFound);
+    books.redeem(worker, second).unwrap();
+}
+
+#[test]
+fn a_region_the_session_holds_comes_back_as_its_handle_without_a_descriptor() {
+    let books = books(limits());
+    let (client, key, worker) = client_and_worker(&books);
+    let redeem = || {
+        let mut hold = books.hold(&client.token, key).unwrap();
+        let grant = hold.grant(books.grant_group()).unwrap();
+        books.redeem(worker, grant).unwrap()
+    };
+    let (first, _, fd) = redeem();
+    assert!(fd.is_some());
+    let (again, _, fd) = redeem();
+    assert_eq!(again, first);
+    assert!(fd.is_none(), "the cached mapping is reused");
+    assert_eq!(books.stats(worker).held_regions, 1);
+}
+
+#[test]
+fn forget_drops_the_workers_hold_and_the_region_goes_with_the_last_holder() {
+    let books = books(limits());
+    let (client, key, worker) = client_and_worker(&books);
+    let mut hold = books.hold(&client.token, key).unwrap();
+    let grant = hold.grant(books.grant_group()).unwrap();
+    let (handle, _, _) = books.redeem(worker, grant).unwrap();
+    drop(hold);
+    books.close_session(client.id);
+    assert_eq!(books.totals().regions, 1, "the worker still holds it");
+    books.forget(worker, handle).unwrap();
+    assert_eq!(books.totals().regions, 0);
+    assert_eq!(code(books.forget(worker, handle)), ErrorCode::NotFound);
+}

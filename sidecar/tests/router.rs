@@ -1,0 +1,1048 @@
+//! The inference router with real processes: the sidecar binary with static discovery, model
+//! workers (the worker binary's built-in models), and clients in this test process that make
+//! regions through the broker and call the sidecar over `infer.sock` (or TCP). Zero-copy is
+//! judged from outside: `/proc/<pid>/io` of the sidecar and the worker.
+
+#[path = "../../core/tests/support/built.rs"]
+mod support;
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper_util::rt::TokioIo;
+use remotemedia_proto::inference::{
+    InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+    ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse,
+    SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
+    SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
+    grpc_inference_service_client::GrpcInferenceServiceClient,
+    grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer},
+    infer_parameter::ParameterChoice,
+    model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
+    model_infer_response::InferOutputTensor,
+};
+use remotemedia_proto::params::{
+    BROKERED_BYTE_SIZE, BROKERED_EXTENSION, BROKERED_GRANT, BROKERED_OFFSET, BROKERED_REGION,
+    SESSION_METADATA, SHARED_MEMORY_BYTE_SIZE, SHARED_MEMORY_REGION,
+};
+use remotemedia_runtime_core::shm::broker::{
+    BrokerClient, ErrorCode, GrantToken, RegionHandle, RegionKey,
+};
+use remotemedia_runtime_core::shm::{Access, Region};
+use support::built;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Request};
+
+const MIB: usize = 1 << 20;
+/// Room for a 256 MiB tensor inline, on both the sidecar and the worker.
+const MAX_MESSAGE: &str = "314572800";
+const NODE: &str = "node-a";
+
+type Client = GrpcInferenceServiceClient<Channel>;
+
+/// A fresh directory (socket directory, discovery file, logs), removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let random = RegionKey::random().unwrap().to_hex();
+        let path = std::env::temp_dir().join(format!("rm-router-{name}-{}", &random[..8]));
+        std::fs::create_dir_all(&path).unwrap();
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Process {
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// `rchar + wchar` from `/proc/<pid>/io`: every byte the process moved through read- and
+    /// write-like system calls (sockets included), whatever its own counters say.
+    fn io_bytes(&self) -> u64 {
+        let text = std::fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap();
+        text.lines()
+            .filter_map(|line| {
+                let (key, value) = line.split_once(": ")?;
+                matches!(key, "rchar" | "wchar").then(|| value.trim().parse::<u64>().unwrap())
+            })
+            .sum()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    fn alive(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Sidecar {
+    process: Process,
+    dir: PathBuf,
+    workers: PathBuf,
+    admin_port: u16,
+    tcp_port: u16,
+}
+
+impl Sidecar {
+    async fn start(dir: &TempDir, extra: &[&str]) -> Self {
+        let workers = dir.0.join("workers.yaml");
+        std::fs::write(&workers, "").unwrap();
+        let (admin_port, tcp_port) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.0.join("sidecar.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_remotemedia-sidecar"))
+            .arg("--socket-dir")
+            .arg(&dir.0)
+            .args(["--admin-address", "127.0.0.1", "--admin-port"])
+            .arg(admin_port.to_string())
+            .args(["--port", &tcp_port.to_string()])
+            .args(["--discovery", "static", "--workers"])
+            .arg(&workers)
+            .args(["--node-name", NODE, "--max-message-bytes", MAX_MESSAGE])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stderr(log)
+            .spawn()
+            .expect("spawn sidecar");
+        let mut sidecar = Self {
+            process: Process(child),
+            dir: dir.0.clone(),
+            workers,
+            admin_port,
+            tcp_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !dir.0.join("infer.sock").exists() || sidecar.metrics().await.is_none() {
+            assert!(sidecar.process.alive(), "sidecar exited: {}", sidecar.log());
+            assert!(Instant::now() < deadline, "sidecar did not start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        sidecar
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("sidecar.log")).unwrap_or_default()
+    }
+
+    /// Replaces the discovery file: `(model, worker, node)` per endpoint.
+    fn discover(&self, endpoints: &[(&str, &Worker, &str)]) {
+        let ports: Vec<_> = endpoints
+            .iter()
+            .map(|(model, worker, node)| (*model, worker.port, *node))
+            .collect();
+        self.discover_ports(&ports);
+    }
+
+    /// Replaces the discovery file: `(model, port on 127.0.0.1, node)` per endpoint.
+    fn discover_ports(&self, endpoints: &[(&str, u16, &str)]) {
+        let text: String = endpoints
+            .iter()
+            .map(|(model, port, node)| {
+                format!("- {{model: {model}, address: '127.0.0.1:{port}', node: {node}}}\n")
+            })
+            .collect();
+        // Written beside and renamed over, so the sidecar never reads half a file.
+        let fresh = self.workers.with_extension("new");
+        std::fs::write(&fresh, text).unwrap();
+        std::fs::rename(fresh, &self.workers).unwrap();
+    }
+
+    async fn unix_client(&self) -> Client {
+        let path = self.dir.join("infer.sock");
+        // The URI is required by the API but unused: the connector dials the socket.
+        let channel = Endpoint::from_static("http://sidecar.invalid")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }))
+            .await
+            .unwrap();
+        GrpcInferenceServiceClient::new(channel)
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX)
+    }
+
+    async fn tcp_client(&self) -> Client {
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{}", self.tcp_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        GrpcInferenceServiceClient::new(channel)
+    }
+
+    async fn metrics(&self) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port))
+            .await
+            .ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    }
+
+    async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics().await.unwrap_or_default();
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+struct Worker {
+    process: Process,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Worker {
+    /// Starts the worker binary serving `model_path` as `model_id`, redeeming grants at
+    /// `broker` when given, and waits until it is ready.
+    async fn start(dir: &TempDir, model_id: &str, model_path: &str, broker: Option<&Path>) -> Self {
+        let (port, admin_port) = (free_port(), free_port());
+        let log = dir.0.join(format!("worker-{port}.log"));
+        let mut command = Command::new(built("remotemedia-model-worker"));
+        command
+            .args(["--model-id", model_id, "--model-path", model_path])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--admin-port",
+                &admin_port.to_string(),
+            ])
+            .args([
+                "--allow-named-shm",
+                "false",
+                "--max-message-bytes",
+                MAX_MESSAGE,
+            ])
+            .args(["--drain-delay", "0s"])
+            .arg("--termination-log")
+            .arg(dir.0.join("termination-log"))
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        if let Some(broker) = broker {
+            command.arg("--broker").arg(broker);
+        }
+        let mut worker = Self {
+            process: Process(command.spawn().unwrap()),
+            port,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = tokio::net::TcpStream::connect(("127.0.0.1", admin_port))
+                .await
+                .is_ok()
+                && readyz(admin_port).await;
+            if ready {
+                return worker;
+            }
+            assert!(
+                worker.process.alive() && Instant::now() < deadline,
+                "worker not ready: {}",
+                std::fs::read_to_string(&worker.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// How many memfd mappings the worker has (`/proc/<pid>/maps`).
+    fn memfd_mappings(&self) -> usize {
+        std::fs::read_to_string(format!("/proc/{}/maps", self.process.pid()))
+            .unwrap()
+            .lines()
+            .filter(|line| line.contains("memfd:"))
+            .count()
+    }
+}
+
+async fn readyz(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let request = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let mut response = String::new();
+    stream.write_all(request).await.is_ok()
+        && stream.read_to_string(&mut response).await.is_ok()
+        && response.starts_with("HTTP/1.1 200")
+}
+
+/// A region of `len` bytes allocated by `client` and mapped here, filled by `fill(i)`.
+fn region(
+    client: &BrokerClient,
+    len: usize,
+    fill: impl Fn(usize) -> u8,
+) -> (Arc<RegionHandle>, Region) {
+    let handle = client.allocate(len as u64, "").unwrap();
+    let mut mapped = Region::from_handle(handle.clone(), Access::Shared).unwrap();
+    for (i, byte) in mapped.as_mut_slice()[..len].iter_mut().enumerate() {
+        *byte = fill(i);
+    }
+    (handle, mapped)
+}
+
+fn brokered(key: RegionKey, offset: u64, byte_size: u64) -> HashMap<String, InferParameter> {
+    let param = |choice| InferParameter {
+        parameter_choice: Some(choice),
+    };
+    HashMap::from([
+        (
+            BROKERED_REGION.into(),
+            param(ParameterChoice::StringParam(key.to_hex())),
+        ),
+        (
+            BROKERED_OFFSET.into(),
+            param(ParameterChoice::Int64Param(offset as i64)),
+        ),
+        (
+            BROKERED_BYTE_SIZE.into(),
+            param(ParameterChoice::Int64Param(byte_size as i64)),
+        ),
+    ])
+}
+
+/// One UINT8 input `INPUT0` of `len` bytes in a brokered region.
+fn brokered_request(model: &str, key: RegionKey, offset: u64, len: usize) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "UINT8".into(),
+            shape: vec![len as i64],
+            parameters: brokered(key, offset, len as u64),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn inline_request(model: &str, data: Vec<u8>) -> ModelInferRequest {
+    ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "UINT8".into(),
+            shape: vec![data.len() as i64],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::from(data)],
+        ..Default::default()
+    }
+}
+
+fn with_session<T>(message: T, client: &BrokerClient) -> Request<T> {
+    let mut request = Request::new(message);
+    let token = client.session_token().unwrap().to_hex();
+    request
+        .metadata_mut()
+        .insert(SESSION_METADATA, token.parse().unwrap());
+    request
+}
+
+/// The `CHECKSUM` output of the checksum model: the sum of the input's bytes.
+fn checksum(response: &ModelInferResponse) -> u64 {
+    u64::from_le_bytes(response.raw_output_contents[0][..8].try_into().unwrap())
+}
+
+fn expected_sum(bytes: &[u8]) -> u64 {
+    bytes.iter().map(|&b| u64::from(b)).sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_256_mib_colocated_inference_moves_no_tensor_bytes_through_system_calls_and_a_remote_one_does()
+ {
+    let dir = TempDir::new("io");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let near = Worker::start(&dir, "near", "builtin://checksum", Some(&dir.0)).await;
+    let far = Worker::start(&dir, "far", "builtin://checksum", None).await;
+    sidecar.discover(&[("near", &near, NODE), ("ns/far", &far, "node-b")]);
+    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
+    let len = 256 * MIB;
+    let (handle, mapped) = region(&broker, len, |i| (i % 251) as u8);
+    let expected = expected_sum(&mapped.as_slice()[..len]);
+    let mut client = sidecar.unix_client().await;
+    let metadata = client
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap();
+    assert!(
+        metadata
+            .get_ref()
+            .extensions
+            .iter()
+            .any(|e| e == BROKERED_EXTENSION)
+    );
+    // Until the endpoints file is re-read the model is held, not refused.
+    let infer = |model: &str| with_session(brokered_request(model, handle.key(), 0, len), &broker);
+
+    let before = (sidecar.process.io_bytes(), near.process.io_bytes());
+    let response = client
+        .model_infer(infer("near"))
+        .await
+        .unwrap()
+        .into_inner();
+    let after = (sidecar.process.io_bytes(), near.process.io_bytes());
+    assert_eq!(checksum(&response), expected);
+    let moved = (after.0 - before.0) + (after.1 - before.1);
+    eprintln!("colocated 256 MiB inference: {moved} bytes through system calls");
+    assert!(
+        moved < MIB as u64,
+        "colocated: {moved} bytes through system calls"
+    );
+
+    // Again: the worker redeems the new grant as the region it already maps.
+    let mappings = near.memfd_mappings();
+    let response = client
+        .model_infer(infer("near"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(checksum(&response), expected);
+    assert_eq!(
+        near.memfd_mappings(),
+        mappings,
+        "the region was mapped again"
+    );
+
+    let before = (sidecar.process.io_bytes(), far.process.io_bytes());
+    let response = client.model_infer(infer("far")).await.unwrap().into_inner();
+    let after = (sidecar.process.io_bytes(), far.process.io_bytes());
+    assert_eq!(checksum(&response), expected);
+    let moved = (after.0 - before.0) + (after.1 - before.1);
+    eprintln!("remote 256 MiB inference: {moved} bytes through system calls");
+    assert!(
+        moved >= len as u64,
+        "remote: only {moved} bytes through system calls"
+    );
+    assert_eq!(
+        sidecar
+            .metric(
+                "remotemedia_sidecar_inference_requests_total{path=\"shm_local\",outcome=\"ok\"}"
+            )
+            .await,
+        2.0
+    );
+    assert_eq!(
+        sidecar
+            .metric("remotemedia_sidecar_inference_requests_total{path=\"inline_remote\",outcome=\"ok\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn outputs_requested_in_a_region_are_written_there_on_both_paths() {
+    let dir = TempDir::new("outputs");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let near = Worker::start(&dir, "near", "builtin://identity", Some(&dir.0)).await;
+    let far = Worker::start(&dir, "far", "builtin://identity", None).await;
+    sidecar.discover(&[("near", &near, NODE), ("far", &far, "node-b")]);
+    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
+    let len = MIB;
+    let (input, _input_map) = region(&broker, len, |i| (i % 13) as u8);
+    let mut client = sidecar.unix_client().await;
+    for model in ["near", "far"] {
+        let (output, output_map) = region(&broker, len + 4096, |_| 0xEE);
+        let mut request = brokered_request(model, input.key(), 0, len);
+        request.outputs = vec![InferRequestedOutputTensor {
+            name: "OUTPUT0".into(),
+            parameters: brokered(output.key(), 4096, len as u64),
+        }];
+        let response = client
+            .model_infer(with_session(request, &broker))
+            .await
+            .unwrap()
+            .into_inner();
+        let written = &output_map.as_slice()[4096..4096 + len];
+        assert!(
+            written
+                .iter()
+                .enumerate()
+                .all(|(i, &b)| b == (i % 13) as u8),
+            "{model}"
+        );
+        assert!(
+            output_map.as_slice()[..4096].iter().all(|&b| b == 0xEE),
+            "{model}"
+        );
+        assert!(
+            response.raw_output_contents.iter().all(Bytes::is_empty),
+            "{model}"
+        );
+        let parameters = &response.outputs[0].parameters;
+        assert_eq!(
+            parameters[BROKERED_REGION].parameter_choice,
+            Some(ParameterChoice::StringParam(output.key().to_hex())),
+            "{model}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_region_the_session_does_not_hold_is_not_found_and_brokered_references_over_tcp_are_refused()
+ {
+    let dir = TempDir::new("access");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let worker = Worker::start(&dir, "identity", "builtin://identity", Some(&dir.0)).await;
+    sidecar.discover(&[("identity", &worker, NODE)]);
+    let owner = BrokerClient::connect(&dir.0, "owner").unwrap();
+    let other = BrokerClient::connect(&dir.0, "other").unwrap();
+    let (victim, victim_map) = region(&owner, 4096, |i| i as u8);
+    let (own, _own_map) = region(&other, 4096, |_| 7);
+    let mut client = sidecar.unix_client().await;
+
+    // The victim's id, learned out of band, but never opened through the broker.
+    let as_input = brokered_request("identity", victim.key(), 0, 4096);
+    let status = client
+        .model_infer(with_session(as_input.clone(), &other))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let mut as_output = brokered_request("identity", own.key(), 0, 4096);
+    as_output.outputs = vec![InferRequestedOutputTensor {
+        name: "OUTPUT0".into(),
+        parameters: brokered(victim.key(), 0, 4096),
+    }];
+    let status = client
+        .model_infer(with_session(as_output, &other))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    assert!(
+        victim_map
+            .as_slice()
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == i as u8)
+    );
+    // A forged id answers exactly the same.
+    let forged = brokered_request("identity", RegionKey::random().unwrap(), 0, 4096);
+    let status = client
+        .model_infer(with_session(forged, &other))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+
+    // Named shared memory is off unless --allow-named-shm.
+    let refused = client
+        .system_shared_memory_register(SystemSharedMemoryRegisterRequest {
+            name: "r".into(),
+            key: "/x".into(),
+            offset: 0,
+            byte_size: 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+
+    let mut tcp = sidecar.tcp_client().await;
+    let metadata = tcp.server_metadata(ServerMetadataRequest {}).await.unwrap();
+    assert!(
+        !metadata
+            .get_ref()
+            .extensions
+            .iter()
+            .any(|e| e == BROKERED_EXTENSION)
+    );
+    let status = tcp
+        .model_infer(with_session(as_input, &owner))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("Unix socket"), "{status:?}");
+    // Inline requests over TCP are routed as usual.
+    let response = tcp
+        .model_infer(inline_request("identity", vec![1, 2, 3]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.raw_output_contents[0].as_ref(), [1, 2, 3]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_fail_over_when_a_worker_is_killed_and_the_model_is_named_when_none_is_left() {
+    let dir = TempDir::new("retry");
+    let sidecar = Sidecar::start(&dir, &["--hold-timeout", "1s"]).await;
+    let model = "builtin://checksum?infer_delay_ms=1500";
+    let mut first = Worker::start(&dir, "slow", model, None).await;
+    let mut second = Worker::start(&dir, "slow", model, None).await;
+    sidecar.discover(&[("slow", &first, NODE), ("slow", &second, NODE)]);
+    let client = sidecar.unix_client().await;
+    let calls: Vec<_> = (0..6u8)
+        .map(|n| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                client
+                    .model_infer(inline_request("slow", vec![n; 10]))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first.process.kill();
+    for (n, call) in calls.into_iter().enumerate() {
+        let response = call
+            .await
+            .unwrap()
+            .unwrap_or_else(|status| panic!("request {n}: {status:?}"));
+        assert_eq!(checksum(response.get_ref()), 10 * n as u64);
+    }
+    second.process.kill();
+    let status = client
+        .clone()
+        .model_infer(inline_request("slow", vec![1]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("'slow'"), "{status:?}");
+    client
+        .clone()
+        .server_live(ServerLiveRequest {})
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_held_for_a_model_without_workers_completes_once_one_is_discovered() {
+    let dir = TempDir::new("hold");
+    let sidecar = Sidecar::start(&dir, &["--hold-timeout", "60s"]).await;
+    let mut client = sidecar.unix_client().await;
+    let held =
+        tokio::spawn(async move { client.model_infer(inline_request("late", vec![2; 5])).await });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sidecar.metric("remotemedia_sidecar_held_requests").await != 1.0 {
+        assert!(Instant::now() < deadline, "the request was not held");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let worker = Worker::start(&dir, "late", "builtin://checksum", None).await;
+    sidecar.discover(&[("late", &worker, "node-b")]);
+    let response = tokio::time::timeout(Duration::from_secs(20), held)
+        .await
+        .expect("still held")
+        .unwrap()
+        .unwrap();
+    assert_eq!(checksum(response.get_ref()), 10);
+    assert_eq!(
+        sidecar.metric("remotemedia_sidecar_held_requests").await,
+        0.0
+    );
+}
+
+/// What the fake worker saw: the request's two grants and what the broker answered.
+#[derive(Default)]
+struct Seen {
+    grants: Vec<GrantToken>,
+    first_redeemed: bool,
+    other_connection: Option<Option<ErrorCode>>,
+    /// The trace context and deadline the worker received.
+    traceparent: Option<String>,
+    timeout: Option<String>,
+}
+
+/// A worker that redeems the grants it is sent itself: the first on its own session, the
+/// second on another connection.
+struct FakeWorker {
+    own: BrokerClient,
+    intruder: BrokerClient,
+    seen: Arc<std::sync::Mutex<Seen>>,
+}
+
+fn grant_of(parameters: &HashMap<String, InferParameter>) -> GrantToken {
+    match &parameters[BROKERED_GRANT].parameter_choice {
+        Some(ParameterChoice::StringParam(hex)) => GrantToken::parse_hex(hex).unwrap(),
+        other => panic!("grant parameter {other:?}"),
+    }
+}
+
+type Answer<T> = Result<tonic::Response<T>, tonic::Status>;
+
+fn unimplemented<T>() -> Answer<T> {
+    Err(tonic::Status::unimplemented("fake worker"))
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for FakeWorker {
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Answer<ModelInferResponse> {
+        let header = |key| {
+            let value = request.metadata().get(key)?;
+            Some(value.to_str().unwrap().to_owned())
+        };
+        let (traceparent, timeout) = (header("traceparent"), header("grpc-timeout"));
+        let request = request.into_inner();
+        assert!(
+            !request.inputs[0].parameters.contains_key(BROKERED_REGION),
+            "an id reached the worker"
+        );
+        let input = grant_of(&request.inputs[0].parameters);
+        let output = grant_of(&request.outputs[0].parameters);
+        let (own, intruder) = (self.own.clone(), self.intruder.clone());
+        let (first, other) = tokio::task::spawn_blocking(move || {
+            let first = own.redeem(input).map(|redeemed| redeemed.fd.is_some());
+            let other = intruder.redeem(output).err().map(|error| error.code());
+            (first, other)
+        })
+        .await
+        .unwrap();
+        let mut seen = self.seen.lock().unwrap();
+        seen.grants = vec![input, output];
+        seen.first_redeemed = first.unwrap();
+        seen.other_connection = other;
+        seen.traceparent = traceparent;
+        seen.timeout = timeout;
+        Ok(tonic::Response::new(ModelInferResponse {
+            model_name: request.model_name,
+            outputs: vec![InferOutputTensor {
+                name: "OUTPUT0".into(),
+                datatype: "UINT8".into(),
+                shape: vec![4096],
+                ..Default::default()
+            }],
+            raw_output_contents: vec![Bytes::new()],
+            ..Default::default()
+        }))
+    }
+
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Answer<ServerLiveResponse> {
+        unimplemented()
+    }
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Answer<ServerReadyResponse> {
+        unimplemented()
+    }
+    async fn model_ready(&self, _: Request<ModelReadyRequest>) -> Answer<ModelReadyResponse> {
+        unimplemented()
+    }
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Answer<ServerMetadataResponse> {
+        unimplemented()
+    }
+    async fn model_metadata(
+        &self,
+        _: Request<ModelMetadataRequest>,
+    ) -> Answer<ModelMetadataResponse> {
+        unimplemented()
+    }
+    type ModelStreamInferStream =
+        tokio_stream::Empty<Result<ModelStreamInferResponse, tonic::Status>>;
+    async fn model_stream_infer(
+        &self,
+        _: Request<tonic::Streaming<ModelInferRequest>>,
+    ) -> Answer<Self::ModelStreamInferStream> {
+        unimplemented()
+    }
+    async fn model_config(&self, _: Request<ModelConfigRequest>) -> Answer<ModelConfigResponse> {
+        unimplemented()
+    }
+    async fn model_statistics(
+        &self,
+        _: Request<ModelStatisticsRequest>,
+    ) -> Answer<ModelStatisticsResponse> {
+        unimplemented()
+    }
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Answer<SystemSharedMemoryStatusResponse> {
+        unimplemented()
+    }
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Answer<SystemSharedMemoryRegisterResponse> {
+        unimplemented()
+    }
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Answer<SystemSharedMemoryUnregisterResponse> {
+        unimplemented()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grant_is_refused_to_another_connection_and_after_its_request_finished() {
+    let dir = TempDir::new("grants");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
+    let own = BrokerClient::connect(&dir.0, "worker").unwrap();
+    let fake = FakeWorker {
+        own: own.clone(),
+        intruder: BrokerClient::connect(&dir.0, "intruder").unwrap(),
+        seen: seen.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let routes = tonic::service::Routes::new(GrpcInferenceServiceServer::new(fake));
+    tokio::spawn(axum::serve(listener, routes.into_axum_router()).into_future());
+    sidecar.discover_ports(&[("fake", port, NODE)]);
+
+    let app = BrokerClient::connect(&dir.0, "app").unwrap();
+    let (input, _input_map) = region(&app, 4096, |i| i as u8);
+    let (output, _output_map) = region(&app, 4096, |_| 0);
+    let mut request = brokered_request("fake", input.key(), 0, 4096);
+    request.outputs = vec![InferRequestedOutputTensor {
+        name: "OUTPUT0".into(),
+        parameters: brokered(output.key(), 0, 4096),
+    }];
+    let mut client = sidecar.unix_client().await;
+    let mut request = with_session(request, &app);
+    let trace = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    request
+        .metadata_mut()
+        .insert("traceparent", trace.parse().unwrap());
+    request.set_timeout(Duration::from_secs(30));
+    client.model_infer(request).await.unwrap();
+
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.traceparent.as_deref(), Some(trace));
+    // What is left of the client's 30 s, in the gRPC encoding (an integer and a unit).
+    let timeout = seen
+        .timeout
+        .as_deref()
+        .expect("the deadline did not propagate");
+    let (digits, unit) = timeout.split_at(timeout.len() - 1);
+    let nanos_per_unit = match unit {
+        "S" => 1_000_000_000,
+        "m" => 1_000_000,
+        "u" => 1_000,
+        "n" => 1,
+        other => panic!("unit {other} in {timeout}"),
+    };
+    let left = Duration::from_nanos(digits.parse::<u64>().unwrap() * nanos_per_unit);
+    assert!(
+        left > Duration::from_secs(20) && left <= Duration::from_secs(30),
+        "{timeout}"
+    );
+    assert!(
+        seen.first_redeemed,
+        "the worker's own redemption brought the descriptor"
+    );
+    assert_eq!(
+        seen.other_connection,
+        Some(Some(ErrorCode::NotFound)),
+        "another connection redeemed a grant of the request"
+    );
+    for grant in &seen.grants {
+        // The replayed grant, and the one never redeemed: both died with the request.
+        let refused = own.redeem(*grant).unwrap_err();
+        assert_eq!(refused.code(), Some(ErrorCode::NotFound), "{refused}");
+    }
+}
+
+fn register(name: &str, region: &Region, byte_size: u64) -> SystemSharedMemoryRegisterRequest {
+    SystemSharedMemoryRegisterRequest {
+        name: name.into(),
+        key: format!("/{}", region.id()),
+        offset: 0,
+        byte_size,
+    }
+}
+
+fn named(region: &str, byte_size: u64) -> HashMap<String, InferParameter> {
+    let param = |choice| InferParameter {
+        parameter_choice: Some(choice),
+    };
+    HashMap::from([
+        (
+            SHARED_MEMORY_REGION.into(),
+            param(ParameterChoice::StringParam(region.into())),
+        ),
+        (
+            SHARED_MEMORY_BYTE_SIZE.into(),
+            param(ParameterChoice::Int64Param(byte_size as i64)),
+        ),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn named_registrations_belong_to_their_connection_and_travel_to_workers_inline() {
+    let dir = TempDir::new("named");
+    let sidecar = Sidecar::start(&dir, &["--allow-named-shm"]).await;
+    let near = Worker::start(&dir, "near", "builtin://identity", Some(&dir.0)).await;
+    let far = Worker::start(&dir, "far", "builtin://identity", None).await;
+    sidecar.discover(&[("near", &near, NODE), ("far", &far, "node-b")]);
+    let len = 64 * 1024;
+    let mut input = Region::create_named(std::num::NonZeroUsize::new(len).unwrap()).unwrap();
+    for (i, byte) in input.as_mut_slice().iter_mut().enumerate() {
+        *byte = (i % 7) as u8;
+    }
+    let output = Region::create_named(std::num::NonZeroUsize::new(len).unwrap()).unwrap();
+    let (mut a, mut b) = (sidecar.unix_client().await, sidecar.unix_client().await);
+    a.system_shared_memory_register(register("in", &input, len as u64))
+        .await
+        .unwrap();
+    a.system_shared_memory_register(register("out", &output, len as u64))
+        .await
+        .unwrap();
+
+    let status = |name: &str| SystemSharedMemoryStatusRequest { name: name.into() };
+    assert_eq!(
+        a.system_shared_memory_status(status(""))
+            .await
+            .unwrap()
+            .get_ref()
+            .regions
+            .len(),
+        2
+    );
+    assert!(
+        b.system_shared_memory_status(status(""))
+            .await
+            .unwrap()
+            .get_ref()
+            .regions
+            .is_empty()
+    );
+    let refused = b
+        .system_shared_memory_status(status("in"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound);
+    // B's unregister of everything touches nothing of A's.
+    b.system_shared_memory_unregister(SystemSharedMemoryUnregisterRequest {
+        name: String::new(),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        a.system_shared_memory_status(status(""))
+            .await
+            .unwrap()
+            .get_ref()
+            .regions
+            .len(),
+        2
+    );
+
+    let request = |model: &str| ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![InferInputTensor {
+            name: "INPUT0".into(),
+            datatype: "UINT8".into(),
+            shape: vec![len as i64],
+            parameters: named("in", len as u64),
+            ..Default::default()
+        }],
+        outputs: vec![InferRequestedOutputTensor {
+            name: "OUTPUT0".into(),
+            parameters: named("out", len as u64),
+        }],
+        ..Default::default()
+    };
+    let refused = b.model_infer(request("near")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    for model in ["near", "far"] {
+        output.write_at(0, &vec![0xEE; len]).unwrap();
+        let response = a.model_infer(request(model)).await.unwrap().into_inner();
+        assert_eq!(
+            &output.as_slice()[..len],
+            &input.as_slice()[..len],
+            "{model}"
+        );
+        assert!(
+            response.raw_output_contents.iter().all(Bytes::is_empty),
+            "{model}"
+        );
+    }
+    assert_eq!(
+        near.memfd_mappings(),
+        0,
+        "a named region reached a worker as a descriptor"
+    );
+    // When A's connection closes its registrations go, and with them the sidecar's mappings.
+    let maps = || std::fs::read_to_string(format!("/proc/{}/maps", sidecar.process.pid())).unwrap();
+    assert!(maps().contains(input.id().as_str()));
+    drop((a, b));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while maps().contains(input.id().as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar still maps a closed connection's region"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unregistering_a_named_region_waits_for_the_request_writing_into_it() {
+    let dir = TempDir::new("unregister");
+    let sidecar = Sidecar::start(&dir, &["--allow-named-shm"]).await;
+    let far = Worker::start(&dir, "slow", "builtin://identity?infer_delay_ms=1500", None).await;
+    sidecar.discover(&[("slow", &far, "node-b")]);
+    let output = Region::create_named(std::num::NonZeroUsize::new(4096).unwrap()).unwrap();
+    let client = sidecar.unix_client().await;
+    client
+        .clone()
+        .system_shared_memory_register(register("out", &output, 4096))
+        .await
+        .unwrap();
+    let mut request = inline_request("slow", vec![9; 4096]);
+    request.outputs = vec![InferRequestedOutputTensor {
+        name: "OUTPUT0".into(),
+        parameters: named("out", 4096),
+    }];
+    let infer = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.model_infer(request).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let unregister = SystemSharedMemoryUnregisterRequest { name: "out".into() };
+    client
+        .clone()
+        .system_shared_memory_unregister(unregister)
+        .await
+        .unwrap();
+    // Unregister returned: the request's write into the region has happened.
+    assert!(
+        output.as_slice().iter().all(|&b| b == 9),
+        "unregister returned while a request still had to write the region"
+    );
+    infer.await.unwrap().unwrap();
+}
