@@ -90,10 +90,10 @@ const BOOL: u8 = 6;
 
 fn to_dl_dtype(dtype: DataType) -> DLDataType {
     let code = match dtype {
-        DataType::F32 | DataType::F16 => FLOAT,
+        DataType::F64 | DataType::F32 | DataType::F16 => FLOAT,
         DataType::BF16 => BFLOAT,
         DataType::I8 | DataType::I16 | DataType::I32 | DataType::I64 => INT,
-        DataType::U8 => UINT,
+        DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => UINT,
         DataType::Bool => BOOL,
     };
     DLDataType {
