@@ -1,6 +1,7 @@
-//! Two real processes share tensors by region id. The other process is one of the crate's
-//! examples (`quickstart_producer`, `quickstart_consumer`, `shm_peer`); `scripts/test.sh` builds
-//! them before this tier runs (`cargo test` without a target filter builds them too).
+//! Two real processes share tensors by region id. The other process is the crate's example
+//! `shm_peer` or one of the quickstart programs (`examples/quickstart`: `quickstart-producer`,
+//! `quickstart-consumer`, built into the same target directory); `scripts/test.sh` builds both
+//! before this tier runs.
 
 use std::io::{BufRead, BufReader, Lines, Write};
 use std::path::{Path, PathBuf};
@@ -11,18 +12,30 @@ use remotemedia_runtime_core::tensor::{
     DataType, SharedMemoryAllocator, TensorBuffer, TensorError,
 };
 
+/// A program in the target directory: `quickstart-*` from `examples/quickstart`, anything else an
+/// example of this crate.
 fn example(name: &str) -> PathBuf {
-    // Integration tests run from target/<profile>/deps; examples sit in target/<profile>/examples.
+    // Integration tests run from target/<profile>/deps; examples sit in target/<profile>/examples,
+    // the quickstart project's programs in target/<profile>.
     let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
+    let profile = exe
         .parent()
         .and_then(Path::parent)
-        .expect("target directory")
-        .join("examples")
-        .join(name);
+        .expect("target directory");
+    let (path, build) = if name.starts_with("quickstart-") {
+        (
+            profile.join(name),
+            "cargo build --manifest-path examples/quickstart/Cargo.toml",
+        )
+    } else {
+        (
+            profile.join("examples").join(name),
+            "cargo build -p remotemedia-runtime-core --examples",
+        )
+    };
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build -p remotemedia-runtime-core --examples`",
+        "{} is missing: run `{build}`",
         path.display()
     );
     path
@@ -117,7 +130,7 @@ fn bytes_read(pid: u32) -> u64 {
 
 #[test]
 fn quickstart_consumer_sees_the_producers_mebibyte_and_refuses_an_out_of_range_slice() {
-    let mut producer = Peer::spawn("quickstart_producer", &[]);
+    let mut producer = Peer::spawn("quickstart-producer", &[]);
     let announced = producer.line();
     let (region, checksum) = announced
         .strip_prefix("region=")
@@ -125,7 +138,7 @@ fn quickstart_consumer_sees_the_producers_mebibyte_and_refuses_an_out_of_range_s
         .unwrap_or_else(|| panic!("unexpected producer output {announced:?}"));
     assert!(region_exists(region));
 
-    let output = Command::new(example("quickstart_consumer"))
+    let output = Command::new(example("quickstart-consumer"))
         .arg(region)
         .output()
         .expect("run consumer");

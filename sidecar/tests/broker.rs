@@ -1,5 +1,5 @@
 //! The broker with real processes: the sidecar binary, client processes (`broker_peer`, and the
-//! core crate's quickstart programs, unchanged, given `REMOTEMEDIA_SIDECAR`), each test in its own
+//! quickstart programs of `examples/quickstart`, unchanged, given `REMOTEMEDIA_SIDECAR`), each test in its own
 //! socket directory. Leaks are judged from outside: `/proc/*/maps`, the sidecar's descriptor
 //! count, its admin port.
 
@@ -17,16 +17,27 @@ const MIB: u64 = 1 << 20;
 
 /// Test binaries run from target/<profile>/deps; examples sit in target/<profile>/examples.
 fn example(name: &str) -> PathBuf {
+    // Tests run from target/<profile>/deps; examples sit in target/<profile>/examples, the
+    // quickstart project's programs (`quickstart-*`) in target/<profile>.
     let exe = std::env::current_exe().expect("test binary path");
-    let path = exe
+    let profile = exe
         .parent()
         .and_then(Path::parent)
-        .expect("target directory")
-        .join("examples")
-        .join(name);
+        .expect("target directory");
+    let (path, build) = if name.starts_with("quickstart-") {
+        (
+            profile.join(name),
+            "cargo build --manifest-path examples/quickstart/Cargo.toml",
+        )
+    } else {
+        (
+            profile.join("examples").join(name),
+            "cargo build --workspace --examples",
+        )
+    };
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --workspace --examples`",
+        "{} is missing: run `{build}`",
         path.display()
     );
     path
@@ -249,7 +260,7 @@ fn processes_mapping(inodes: &[u64]) -> Vec<String> {
 fn the_quickstart_producer_and_consumer_exchange_a_tensor_through_the_broker() {
     let dir = TempDir::new("seed");
     let sidecar = Sidecar::start(&dir, &[]);
-    let mut producer = Command::new(example("quickstart_producer"))
+    let mut producer = Command::new(example("quickstart-producer"))
         .env("REMOTEMEDIA_SIDECAR", dir.env())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -270,7 +281,7 @@ fn the_quickstart_producer_and_consumer_exchange_a_tensor_through_the_broker() {
         "the producer maps a broker memfd"
     );
 
-    let consumer = Command::new(example("quickstart_consumer"))
+    let consumer = Command::new(example("quickstart-consumer"))
         .arg(region)
         .env("REMOTEMEDIA_SIDECAR", dir.env())
         .output()

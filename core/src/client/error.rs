@@ -76,6 +76,8 @@ pub enum ClientError {
 pub(super) enum Failure {
     /// Connecting failed: the request never left this process, so sending it again is safe.
     Connect,
+    /// The deadline sent with the request passed (tonic's own timer fired).
+    Deadline,
     /// The transport broke after the request may have reached the server.
     Lost(String),
     /// The server answered with this error.
@@ -93,6 +95,9 @@ impl Failure {
         while let Some(error) = source {
             if error.is::<tonic::ConnectError>() {
                 return Failure::Connect;
+            }
+            if error.is::<tonic::TimeoutExpired>() {
+                return Failure::Deadline;
             }
             source = error.source();
         }

@@ -444,6 +444,7 @@ impl ModelWorkerClient {
                     backoff = backoff.saturating_mul(2);
                 }
                 Failure::Connect => break,
+                Failure::Deadline => return Err(deadline_exceeded(timeout)),
                 Failure::Lost(reason) => {
                     return Err(ClientError::ConnectionLost {
                         endpoint: self.inner.endpoint.clone(),

@@ -150,6 +150,7 @@ impl InferStream {
             Ok(None) => "the server ended the stream".to_owned(),
             Err(status) => match Failure::classify(status) {
                 Failure::Connect => "failed to connect".to_owned(),
+                Failure::Deadline => "the deadline passed".to_owned(),
                 Failure::Lost(reason) => reason,
                 Failure::Answered(error) => error.to_string(),
             },

@@ -177,6 +177,8 @@ fn a_connect_error_is_retryable_and_another_transport_error_is_not() {
         std::io::ErrorKind::ConnectionReset,
     )));
     assert!(matches!(Failure::classify(broken), Failure::Lost(_)));
+    let timeout = Status::from_error(Box::new(tonic::TimeoutExpired(())));
+    assert!(matches!(Failure::classify(timeout), Failure::Deadline));
 }
 
 #[test]

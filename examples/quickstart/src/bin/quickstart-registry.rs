@@ -1,5 +1,5 @@
 //! The API users write, from issue 7, as a program outside the crate: two pipeline stages ask for
-//! the same model and share one instance, loaded once. `scripts/test.sh` runs it; its asserts
+//! the same model and share one instance, loaded once. `tests/quickstart.rs` runs it; its asserts
 //! are what it checks.
 //!
 //! `InferenceModel`, the seed's model trait, is declared with the tensor types as an extension of
