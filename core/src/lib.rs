@@ -35,8 +35,8 @@ pub mod model_registry;
 #[cfg(feature = "client")]
 pub mod model_worker {
     pub use crate::client::{
-        ClientConfig, ClientError, InferOptions, InferOutputs, InferStream, ModelStatus,
-        ModelWorkerClient, OutputRequest, StreamResponse,
+        ClientConfig, ClientError, InferOptions, InferOutputs, InferStream, IntoTensor,
+        ModelStatus, ModelWorkerClient, OutputRequest, StreamResponse,
     };
 }
 #[cfg(feature = "shared-memory")]

@@ -382,10 +382,12 @@ impl ForeignTensor {
         }
         let dtype = from_dl_dtype(tensor.dtype).ok_or_else(|| {
             let DLDataType { code, bits, lanes } = tensor.dtype;
+            let supported: Vec<String> = DataType::ALL.iter().map(ToString::to_string).collect();
             errors::raise(
                 Kind::Tensor,
                 format!(
-                    "failed to import tensor: unsupported dtype (DLPack code {code}, {bits} bits, {lanes} lanes); supported: f32, f16, bf16, i8, i16, i32, i64, u8, bool"
+                    "failed to import tensor: unsupported dtype (DLPack code {code}, {bits} bits, {lanes} lanes); supported: {}",
+                    supported.join(", ")
                 ),
             )
         })?;

@@ -62,6 +62,8 @@ pub enum ClientError {
     Rejected { message: String },
     #[error("failed to read the server's answer: {reason}")]
     BadResponse { reason: String },
+    #[error("failed to prepare the request: {reason}")]
+    Usage { reason: &'static str },
     #[error("failed to choose a model: {reason}")]
     Model { reason: String },
     #[error("failed to send a brokered tensor: this process has no broker session")]

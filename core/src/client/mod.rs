@@ -308,20 +308,32 @@ impl ModelWorkerClient {
     }
 
     /// Runs the model on named inputs and returns the outputs asked for (all of them, inline,
-    /// when `outputs` is empty). `options.output` is not used here: name outputs in `outputs`.
+    /// when `outputs` is empty). Outputs are placed with [`OutputRequest::into`]; setting
+    /// `options.output` here is an error.
     pub async fn infer_many(
         &self,
         inputs: Vec<(String, TensorBuffer)>,
         outputs: Vec<OutputRequest>,
         options: InferOptions,
     ) -> Result<InferOutputs, ClientError> {
+        if options.output.is_some() {
+            return Err(ClientError::Usage {
+                reason: "infer_many places outputs with OutputRequest::into, not InferOptions::output",
+            });
+        }
         let model = self.model_name(&options).await?;
         self.run(&model, inputs, outputs, options.timeout).await
     }
 
     /// Opens a `ModelStreamInfer` stream to the model: requests are sent as they come and
-    /// answered in any order, each with the id [`InferStream::send`] returned.
+    /// answered in any order, each with the id [`InferStream::send`] returned. Of `options`,
+    /// only `model` applies to a stream; `timeout` or `output` set is an error.
     pub async fn infer_stream(&self, options: InferOptions) -> Result<InferStream, ClientError> {
+        if options.output.is_some() || options.timeout.is_some() {
+            return Err(ClientError::Usage {
+                reason: "a stream takes only InferOptions::model; place outputs with send_many",
+            });
+        }
         let model = self.model_name(&options).await?;
         let metadata = self.model_metadata(&model).await?;
         InferStream::open(self.clone(), model, metadata).await
