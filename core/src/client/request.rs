@@ -150,7 +150,23 @@ impl Prepared {
         response: ModelInferResponse,
     ) -> Result<InferOutputs, ClientError> {
         let mut tensors = Vec::with_capacity(response.outputs.len());
-        for (index, output) in response.outputs.into_iter().enumerate() {
+        // Our servers leave an empty raw entry for each output written into shared memory, so
+        // positions line up; a server that lists only the inline outputs' bytes is read by
+        // counting those.
+        let aligned = response.raw_output_contents.len() == response.outputs.len();
+        let mut inline_seen = 0;
+        for (position, output) in response.outputs.into_iter().enumerate() {
+            let in_memory = [SHARED_MEMORY_REGION, BROKERED_REGION]
+                .iter()
+                .any(|key| output.parameters.contains_key(*key));
+            let index = if aligned {
+                Some(position)
+            } else if in_memory {
+                None
+            } else {
+                inline_seen += 1;
+                Some(inline_seen - 1)
+            };
             let dtype = DataType::from_triton_name(&output.datatype).ok_or_else(|| {
                 bad(format!(
                     "output {:?} has datatype {:?}, which this client does not know",
@@ -196,13 +212,13 @@ impl Prepared {
 /// The raw bytes of output `index`, checked against its shape and datatype.
 fn raw_output<'a>(
     raw: &'a [Bytes],
-    index: usize,
+    index: Option<usize>,
     name: &str,
     shape: &[usize],
     dtype: DataType,
 ) -> Result<&'a [u8], ClientError> {
-    let bytes = raw
-        .get(index)
+    let bytes = index
+        .and_then(|index| raw.get(index))
         .ok_or_else(|| bad(format!("output {name:?} came without its bytes")))?;
     let expected = byte_size(shape, dtype)?;
     if bytes.len() != expected {
@@ -294,4 +310,92 @@ fn wire_shape(shape: &[usize]) -> Result<Vec<i64>, ClientError> {
 
 fn bad(reason: String) -> ClientError {
     ClientError::BadResponse { reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use remotemedia_proto::inference::model_infer_response::InferOutputTensor;
+
+    use super::*;
+
+    fn output(name: &str, datatype: &str, shape: Vec<i64>, shared: bool) -> InferOutputTensor {
+        let mut tensor = InferOutputTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape,
+            ..Default::default()
+        };
+        if shared {
+            let region = InferParameter {
+                parameter_choice: Some(ParameterChoice::StringParam("r".into())),
+            };
+            tensor
+                .parameters
+                .insert(SHARED_MEMORY_REGION.into(), region);
+        }
+        tensor
+    }
+
+    fn prepared(by_reference: TensorBuffer) -> Prepared {
+        Prepared {
+            request: ModelInferRequest::default(),
+            session: None,
+            _shared_inputs: Vec::new(),
+            outputs: vec![PendingOutput {
+                name: "A".into(),
+                into: Some(by_reference),
+                by_reference: true,
+            }],
+        }
+    }
+
+    #[test]
+    fn inline_outputs_are_found_whether_or_not_shared_ones_leave_an_empty_raw_entry() {
+        let b: Vec<u8> = bytemuck::cast_slice(&[7i32, -1]).to_vec();
+        for raw in [
+            vec![Bytes::new(), Bytes::from(b.clone())],
+            vec![Bytes::from(b.clone())],
+        ] {
+            let written =
+                TensorBuffer::from_vec(vec![1u8, 2, 3, 4], vec![4], DataType::U8).unwrap();
+            let response = ModelInferResponse {
+                outputs: vec![
+                    output("A", "UINT8", vec![2, 2], true),
+                    output("B", "INT32", vec![2], false),
+                ],
+                raw_output_contents: raw,
+                ..Default::default()
+            };
+            let mut outputs = prepared(written).finish(response).unwrap();
+            let a = outputs.take("A").unwrap();
+            assert_eq!((a.shape(), a.as_bytes()), (&[2, 2][..], &[1, 2, 3, 4][..]));
+            assert_eq!(outputs.get("B").unwrap().as_i32_slice().unwrap(), &[7, -1]);
+        }
+    }
+
+    #[test]
+    fn an_answer_whose_bytes_do_not_fit_its_shape_is_a_bad_response() {
+        let written = TensorBuffer::from_vec(vec![0u8; 4], vec![4], DataType::U8).unwrap();
+        let response = ModelInferResponse {
+            outputs: vec![
+                output("A", "UINT8", vec![4], true),
+                output("B", "INT32", vec![3], false),
+            ],
+            raw_output_contents: vec![Bytes::new(), Bytes::from(vec![0u8; 8])],
+            ..Default::default()
+        };
+        let error = prepared(written).finish(response).unwrap_err();
+        assert!(
+            matches!(error, ClientError::BadResponse { .. }),
+            "{error:?}"
+        );
+        let written = TensorBuffer::from_vec(vec![0u8; 4], vec![4], DataType::U8).unwrap();
+        let response = ModelInferResponse {
+            outputs: vec![output("A", "UINT8", vec![-4], true)],
+            raw_output_contents: vec![Bytes::new()],
+            ..Default::default()
+        };
+        let error = prepared(written).finish(response).unwrap_err();
+        assert!(error.to_string().contains("negative dimension"), "{error}");
+    }
 }
