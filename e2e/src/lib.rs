@@ -4,6 +4,8 @@
 //! The tests expect the simulated topology of `e2e/nodes.yaml`: two nodes with four
 //! `nvidia.com/gpu` each and one CPU-only node.
 
+pub mod operator;
+
 use std::{future::Future, time::Duration};
 
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
@@ -31,6 +33,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("{0}")]
+    Process(String),
     #[error("timed out after {timeout:?} waiting for {what}; last seen: {last}")]
     Timeout {
         what: String,
@@ -188,6 +192,61 @@ impl Drop for TestNamespace {
             );
         }
     }
+}
+
+/// A file of the repository, by its path from the root.
+pub fn repo(path: &str) -> String {
+    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// What one kubectl run printed.
+pub struct Kubectl {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs kubectl (from PATH, against KUBECONFIG's cluster) with `stdin` as its input.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Kubectl {
+    use std::io::Write;
+    let mut child = std::process::Command::new("kubectl")
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs (e2e/cluster.sh env puts it on PATH)");
+    let mut input = child.stdin.take().expect("stdin is piped");
+    input
+        .write_all(stdin.unwrap_or_default().as_bytes())
+        .expect("kubectl reads its input");
+    drop(input);
+    let output = child.wait_with_output().expect("kubectl finishes");
+    Kubectl {
+        success: output.status.success(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// Runs kubectl and returns its output, failing the test if kubectl fails.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    let run = kubectl(args, None);
+    assert!(run.success, "kubectl {args:?} failed: {}", run.stderr);
+    run.stdout
+}
+
+/// Installs the committed CRD as users do and waits until the API server serves it. Every test
+/// calls it: tests run in any order, and a repeated server-side apply changes nothing.
+pub fn install_crd() {
+    let crd = repo("crds/modelworker.yaml");
+    kubectl_ok(&["apply", "--server-side", "-f", &crd]);
+    kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/modelworkers.remotemedia.io",
+    ]);
 }
 
 #[cfg(test)]

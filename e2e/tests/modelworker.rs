@@ -3,70 +3,17 @@
 //! prints our docs, and `kubectl scale` and a HorizontalPodAutoscaler drive `spec.replicas`
 //! through the scale subresource. No operator runs here: only the API is under test.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use kube::{CustomResourceExt, api::PostParams};
 use remotemedia_crds::{CATEGORY, Device, ModelWorker, SHORT_NAME};
-use remotemedia_e2e::{Error, Probe, TestNamespace, api, client, wait_until};
+use remotemedia_e2e::{
+    Error, Probe, TestNamespace, api, client, install_crd, kubectl, kubectl_ok, repo, wait_until,
+};
 use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-/// A file of the repository, by its path from the root.
-fn repo(path: &str) -> String {
-    format!("{}/../{path}", env!("CARGO_MANIFEST_DIR"))
-}
-
-/// What one kubectl run printed.
-struct Kubectl {
-    success: bool,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs kubectl (from PATH, against KUBECONFIG's cluster) with `stdin` as its input.
-fn kubectl(args: &[&str], stdin: Option<&str>) -> Kubectl {
-    use std::io::Write;
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl runs (e2e/cluster.sh env puts it on PATH)");
-    let mut input = child.stdin.take().expect("stdin is piped");
-    input
-        .write_all(stdin.unwrap_or_default().as_bytes())
-        .expect("kubectl reads its input");
-    drop(input);
-    let output = child.wait_with_output().expect("kubectl finishes");
-    Kubectl {
-        success: output.status.success(),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
-}
-
-/// Runs kubectl and returns its output, failing the test if kubectl fails.
-fn kubectl_ok(args: &[&str]) -> String {
-    let run = kubectl(args, None);
-    assert!(run.success, "kubectl {args:?} failed: {}", run.stderr);
-    run.stdout
-}
-
-/// Installs the committed CRD as users do and waits until the API server serves it. Every test
-/// calls it: tests run in any order, and a repeated server-side apply changes nothing.
-fn install_crd() {
-    let crd = repo("crds/modelworker.yaml");
-    kubectl_ok(&["apply", "--server-side", "-f", &crd]);
-    kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/modelworkers.remotemedia.io",
-    ]);
-}
 
 /// A ModelWorker named `name` with a valid CPU spec, `patch`'s keys replacing the spec's.
 fn model_worker(name: &str, patch: Value) -> Value {
