@@ -105,10 +105,11 @@ async fn wait_ready(
     .await
 }
 
-/// Polls `get` every 25 ms until it finds the object; returns it and how long that took.
+/// Polls `get` every 25 ms until it finds the object; returns it and how long after `start`.
 async fn time_until_exists<K>(
     api_: &Api<K>,
     name: &str,
+    start: Instant,
     timeout: Duration,
 ) -> Result<(K, Duration), Error>
 where
@@ -434,11 +435,12 @@ async fn blocked_after(
             .get(name)
             .await
             .map_err(api("get the ModelWorker"))?;
-        if let Some((status, actual, message)) = condition(&worker, "Ready") {
-            if status == "False" && actual == reason {
-                let since = unschedulable_at.unwrap_or_else(Instant::now);
-                return Ok((Instant::now().saturating_duration_since(since), message));
-            }
+        if let Some((status, actual, message)) = condition(&worker, "Ready")
+            && status == "False"
+            && actual == reason
+        {
+            let since = unschedulable_at.unwrap_or_else(Instant::now);
+            return Ok((Instant::now().saturating_duration_since(since), message));
         }
         if start.elapsed() > SETTLE {
             return Err(Error::Timeout {
