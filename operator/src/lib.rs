@@ -91,6 +91,8 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
         worker,
         watch_namespace,
     } = config;
+    // A missing or broken kubeconfig is configuration: refused before the port is bound.
+    let client = Client::try_default().await.map_err(OperatorError::Client)?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     let admin_addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, admin_port));
@@ -109,7 +111,6 @@ pub async fn run(config: Config) -> Result<(), OperatorError> {
     tracing::info!(admin = %admin_addr, "serving /healthz, /readyz and /metrics");
 
     let stop = stop_on_signals()?;
-    let client = Client::try_default().await.map_err(OperatorError::Client)?;
     wait_for_api(&client).await;
     ready.store(true, Ordering::Release);
 
