@@ -51,6 +51,11 @@ impl Operator {
     /// Starts the operator with `args` (plus `--admin-port`), logging to
     /// `$REMOTEMEDIA_E2E_LOGS/operator-<name>.log` (the temporary folder without it).
     pub fn start(name: &str, args: &[&str]) -> Result<Self, Error> {
+        Self::start_with_env(name, args, &[])
+    }
+
+    /// [`Operator::start`] with extra environment variables, such as another `KUBECONFIG`.
+    pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self, Error> {
         let admin_port = free_port()?;
         let dir =
             std::env::var_os("REMOTEMEDIA_E2E_LOGS").map_or_else(std::env::temp_dir, PathBuf::from);
@@ -68,6 +73,7 @@ impl Operator {
             .args(["--admin-port", &admin_port.to_string()])
             .env("RUST_LOG", "info,kube=warn")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(stderr)
@@ -83,6 +89,15 @@ impl Operator {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGTERM, then waits for the exit; true if it exited with status 0.
+    pub fn terminate(&mut self) -> bool {
+        let signalled = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        signalled && self.child.wait().is_ok_and(|s| s.success())
     }
 
     /// SIGKILL: no Lease hand-over, no clean shutdown.

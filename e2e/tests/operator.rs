@@ -30,6 +30,8 @@ const SETTLE: Duration = Duration::from_secs(60);
 /// Fine-grained polling for the latency targets (Deployment within 1 s, Ready within 2 s).
 const FAST_POLL: Duration = Duration::from_millis(25);
 const OPERATOR: &str = "remotemedia-operator";
+/// The operator's lease duration (operator/src/leader.rs).
+const LEASE_DURATION: Duration = Duration::from_secs(15);
 
 /// A ModelWorker `name` serving a model baked into the image, `patch` merged over its spec.
 fn model_worker(name: &str, patch: Value) -> ModelWorker {
@@ -823,6 +825,241 @@ async fn a_standby_operator_writes_nothing_and_takes_over_when_the_leader_dies()
             > 0.0
     );
     wait_ready(&workers, "second", 1).await?;
-    drop(standby);
+
+    // SIGTERM hands the Lease back: a third operator leads at once, not a lease duration later.
+    let third = Operator::start(&format!("{}-c", ns.name), &args)?;
+    let third_ref = &third;
+    wait_until("the third operator's admin port", SETTLE, || async move {
+        Ok(match third_ref.get("/readyz") {
+            Some((200, _)) => Probe::Done(()),
+            other => Probe::Waiting(format!("{other:?}")),
+        })
+    })
+    .await?;
+    let mut standby = standby;
+    let terminated = Instant::now();
+    assert!(standby.terminate(), "SIGTERM ends the leader with status 0");
+    wait_until(
+        "the third operator to lead",
+        Duration::from_secs(10),
+        || async move {
+            Ok(match third_ref.metric("remotemedia_operator_leader") {
+                Some(1.0) => Probe::Done(()),
+                other => Probe::Waiting(format!("leader metric {other:?}")),
+            })
+        },
+    )
+    .await?;
+    let took = terminated.elapsed();
+    eprintln!("timing: a standby led {took:?} after the leader's SIGTERM");
+    assert!(
+        took < LEASE_DURATION,
+        "the Lease was not handed back: {took:?}"
+    );
+    drop(third);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn two_model_workers_with_one_model_id_are_degraded_until_one_goes() -> Result<(), Error> {
+    install_crd();
+    let client = client().await?;
+    let ns = TestNamespace::create(&client, "op-duplicate").await?;
+    let _operator = operator_for(&ns)?;
+    let workers = ns.api::<ModelWorker>();
+    for name in ["vad-a", "vad-b"] {
+        let worker = model_worker(name, json!({ "modelId": "vad" }));
+        workers
+            .create(&PostParams::default(), &worker)
+            .await
+            .map_err(api("create"))?;
+    }
+    let workers = &workers;
+    let degraded = |name: &'static str, expected: &'static str| async move {
+        wait_until(
+            &format!("{name} Degraded={expected}"),
+            SETTLE,
+            || async move {
+                let worker = workers.get(name).await.map_err(api("get"))?;
+                Ok(match condition(&worker, "Degraded") {
+                    Some((status, reason, message)) if status == expected => {
+                        Probe::Done((reason, message))
+                    }
+                    _ => Probe::Waiting(describe(&worker)),
+                })
+            },
+        )
+        .await
+    };
+    let (reason, message) = degraded("vad-a", "True").await?;
+    assert_eq!(reason, "DuplicateModelId");
+    assert!(message.contains(&format!("{}/vad-b", ns.name)), "{message}");
+    assert_eq!(degraded("vad-b", "True").await?.0, "DuplicateModelId");
+    // The duplicate goes: the other is no longer degraded, without a change of its own.
+    workers
+        .delete("vad-b", &DeleteParams::default())
+        .await
+        .map_err(api("delete"))?;
+    degraded("vad-a", "False").await?;
+    ns.delete().await
+}
+
+/// A kubeconfig for the cluster `KUBECONFIG` names that authenticates with `token` alone.
+fn token_kubeconfig(token: &str, path: &std::path::Path) {
+    let admin = kube::config::Kubeconfig::read().expect("KUBECONFIG is readable");
+    let cluster = admin.clusters[0].cluster.clone().expect("a cluster entry");
+    let server = cluster.server.expect("a server address");
+    let ca = cluster
+        .certificate_authority
+        .expect("the CA file of e2e/cluster.sh");
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: operator\n  user:\n    token: {token}\ncontexts:\n- name: e2e\n  context:\n    cluster: e2e\n    user: operator\ncurrent-context: e2e\n"
+    );
+    std::fs::write(path, text).expect("the kubeconfig is written");
+}
+
+/// The RBAC table of `operator/src/lib.rs` as a Role (`--watch-namespace` needs no more): the
+/// operator runs as a service account holding only these rules, through a scale-up, a scale-down
+/// (the PDB deleted), a spec change and leader election, and is never refused.
+#[tokio::test]
+async fn the_documented_rbac_rules_are_all_the_operator_needs() -> Result<(), Error> {
+    use k8s_openapi::api::{
+        authentication::v1::TokenRequest,
+        core::v1::ServiceAccount,
+        rbac::v1::{Role, RoleBinding},
+    };
+    install_crd();
+    let client = client().await?;
+    let ns = TestNamespace::create(&client, "op-rbac").await?;
+    let role: Role = serde_json::from_value(json!({
+        "metadata": { "name": "remotemedia-operator" },
+        "rules": [
+            { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers"], "verbs": ["list", "watch"] },
+            { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers/status"], "verbs": ["patch"] },
+            { "apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["list", "watch", "create", "patch"] },
+            { "apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "patch"] },
+            { "apiGroups": ["policy"], "resources": ["poddisruptionbudgets"], "verbs": ["get", "list", "watch", "create", "patch", "delete"] },
+            { "apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"] },
+            { "apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"] },
+            { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"] },
+        ],
+    }))
+    .expect("a literal Role is valid");
+    ns.api::<Role>()
+        .create(&PostParams::default(), &role)
+        .await
+        .map_err(api("create the Role"))?;
+    let account: ServiceAccount =
+        serde_json::from_value(json!({ "metadata": { "name": "operator" } })).expect("valid");
+    let accounts = ns.api::<ServiceAccount>();
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .map_err(api("create the account"))?;
+    let binding: RoleBinding = serde_json::from_value(json!({
+        "metadata": { "name": "remotemedia-operator" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "remotemedia-operator" },
+        "subjects": [{ "kind": "ServiceAccount", "name": "operator", "namespace": ns.name }],
+    }))
+    .expect("valid");
+    ns.api::<RoleBinding>()
+        .create(&PostParams::default(), &binding)
+        .await
+        .map_err(api("create the binding"))?;
+    let request: TokenRequest =
+        serde_json::from_value(json!({ "spec": { "audiences": [] } })).expect("valid");
+    let token = accounts
+        .create_token_request("operator", &PostParams::default(), &request)
+        .await
+        .map_err(api("request a token"))?
+        .status
+        .and_then(|s| s.token)
+        .unwrap_or_default();
+    let kubeconfig = std::env::temp_dir().join(format!("{}.kubeconfig", ns.name));
+    token_kubeconfig(&token, &kubeconfig);
+    let kubeconfig_path = kubeconfig.to_string_lossy().into_owned();
+    let operator = Operator::start_with_env(
+        &ns.name,
+        &["--watch-namespace", &ns.name, "--lease-namespace", &ns.name],
+        &[("KUBECONFIG", &kubeconfig_path)],
+    )?;
+
+    let workers = ns.api::<ModelWorker>();
+    workers
+        .create(
+            &PostParams::default(),
+            &model_worker("vad", json!({ "replicas": 2 })),
+        )
+        .await
+        .map_err(api("create"))?;
+    wait_ready(&workers, "vad", 2).await?;
+    pdb_present(&ns, "vad", true).await?;
+    workers
+        .patch(
+            "vad",
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 1, "maxConcurrency": 3 } })),
+        )
+        .await
+        .map_err(api("change the spec"))?;
+    pdb_present(&ns, "vad", false).await?;
+    wait_ready(&workers, "vad", 1).await?;
+    let (_, metrics) = operator.get("/metrics").expect("the admin port answers");
+    assert!(!metrics.contains("reconcile_failures_total{"), "{metrics}");
+    let log = std::fs::read_to_string(&operator.log).unwrap_or_default();
+    assert!(
+        !log.contains("forbidden"),
+        "refused by RBAC: {}",
+        operator.log.display()
+    );
+    let events = kubectl_ok(&[
+        "get",
+        "events.events.k8s.io",
+        "-n",
+        &ns.name,
+        "--field-selector",
+        "reportingController=remotemedia-operator",
+        "-o",
+        "name",
+    ]);
+    assert!(!events.trim().is_empty(), "the operator published events");
+    drop(operator);
+    let _ = std::fs::remove_file(&kubeconfig);
+    ns.delete().await
+}
+
+#[tokio::test]
+async fn a_namespace_enforcing_baseline_pod_security_makes_the_model_worker_pod_security_rejected()
+-> Result<(), Error> {
+    use k8s_openapi::api::core::v1::Namespace;
+    install_crd();
+    let client = client().await?;
+    let ns = TestNamespace::create(&client, "op-podsecurity").await?;
+    let label =
+        json!({ "metadata": { "labels": { "pod-security.kubernetes.io/enforce": "baseline" } } });
+    Api::<Namespace>::all(client.clone())
+        .patch(&ns.name, &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .map_err(api("label the namespace"))?;
+    let _operator = operator_for(&ns)?;
+    let workers = ns.api::<ModelWorker>();
+    workers
+        .create(&PostParams::default(), &model_worker("vad", json!({})))
+        .await
+        .map_err(api("create"))?;
+    let workers = &workers;
+    let message = wait_until("Ready=False/PodSecurityRejected", SETTLE, || async move {
+        let worker = workers.get("vad").await.map_err(api("get"))?;
+        Ok(match condition(&worker, "Ready") {
+            Some((status, reason, message))
+                if status == "False" && reason == "PodSecurityRejected" =>
+            {
+                Probe::Done(message)
+            }
+            _ => Probe::Waiting(describe(&worker)),
+        })
+    })
+    .await?;
+    assert!(message.contains("hostPath"), "{message}");
     ns.delete().await
 }

@@ -120,7 +120,7 @@ impl Args {
             socket_dir,
             watch_namespace,
         } = self;
-        check_name("lease-name", &lease_name, 253)?;
+        check_name("lease-name", &lease_name, NameKind::Subdomain)?;
         let lease_namespace = match lease_namespace {
             Some(namespace) => namespace,
             None => std::fs::read_to_string(namespace_file)
@@ -129,9 +129,9 @@ impl Args {
                 .filter(|text| !text.is_empty())
                 .unwrap_or_else(|| defaults::LEASE_NAMESPACE_FALLBACK.to_owned()),
         };
-        check_name("lease-namespace", &lease_namespace, 63)?;
+        check_name("lease-namespace", &lease_namespace, NameKind::Label)?;
         if let Some(namespace) = &watch_namespace {
-            check_name("watch-namespace", namespace, 63)?;
+            check_name("watch-namespace", namespace, NameKind::Label)?;
         }
         for (flag, value) in [
             ("worker-image", &worker_image),
@@ -160,23 +160,29 @@ impl Args {
     }
 }
 
-/// A DNS subdomain (RFC 1123) of at most `max` characters: what names and namespaces must be.
-fn check_name(flag: &'static str, value: &str, max: usize) -> Result<(), ConfigError> {
+/// What Kubernetes requires of a name (RFC 1123): namespaces are DNS labels, object names such
+/// as a Lease's are DNS subdomains.
+#[derive(Clone, Copy)]
+enum NameKind {
+    Label,
+    Subdomain,
+}
+
+fn check_name(flag: &'static str, value: &str, kind: NameKind) -> Result<(), ConfigError> {
     let label_ok = |label: &str| {
         !label.is_empty()
+            && label.len() <= 63
             && label
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-')
     };
-    // A namespace is a single label; other names may have dots.
-    let labels_ok = if max == 63 {
-        label_ok(value)
-    } else {
-        value.split('.').all(label_ok)
+    let (ok, max) = match kind {
+        NameKind::Label => (label_ok(value), 63),
+        NameKind::Subdomain => (value.len() <= 253 && value.split('.').all(label_ok), 253),
     };
-    if value.len() <= max && labels_ok {
+    if ok {
         Ok(())
     } else {
         Err(ConfigError::NotDnsName {

@@ -109,7 +109,7 @@ pub fn error_policy(
     ctx: Arc<Context>,
 ) -> Action {
     ctx.metrics.reconcile_failed(error.category());
-    tracing::warn!(error = %crate::leader::error_chain(error), "reconcile failed; retrying");
+    tracing::warn!(error = %crate::error_chain(error), "reconcile failed; retrying");
     Action::requeue(RETRY)
 }
 

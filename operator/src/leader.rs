@@ -14,6 +14,8 @@ use k8s_openapi::{
 use kube::{Api, Client, api::PostParams};
 use tokio::time::Instant;
 
+use crate::error_chain;
+
 /// How long a Lease stays valid without renewal.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// The holder gives up (and exits) when it could not renew for this long.
@@ -219,16 +221,4 @@ impl Elector {
             }),
         }
     }
-}
-
-/// An error with its sources, for one log line.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

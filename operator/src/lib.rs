@@ -6,25 +6,31 @@
 //! With leader election (the default) only the replica holding the Lease runs the controller;
 //! the others wait and serve their admin port.
 //!
+//! Worker pods mount the node's socket directory by hostPath, which the `baseline` and
+//! `restricted` Pod Security levels forbid: in a namespace enforcing either, the ReplicaSet
+//! cannot create the pods, and the ModelWorker says `Ready=False`/`PodSecurityRejected` with the
+//! admission message. A CSI ephemeral volume for the socket directory is the planned fix.
+//!
 //! # RBAC
 //!
-//! What the operator's service account needs (a ClusterRole; with `--watch-namespace`, a Role in
-//! that namespace suffices for everything but the Lease, which lives in the lease namespace):
+//! Exactly the verbs the operator uses (a ClusterRole; with `--watch-namespace`, a Role in that
+//! namespace holding all of them is enough, which `e2e/tests/operator.rs` checks by running the
+//! operator as a service account with only these rules):
 //!
 //! | API group | Resource | Verbs | Why |
 //! |---|---|---|---|
-//! | `remotemedia.io` | `modelworkers` | get, list, watch | the objects it reconciles |
-//! | `remotemedia.io` | `modelworkers/status` | get, patch, update | status through the status subresource (server-side apply is a patch) |
-//! | `apps` | `deployments` | get, list, watch, create, patch, update | the worker Deployment: watched as a child, applied (an apply of a new object is a create) |
-//! | `""` | `services` | get, list, watch, create, patch, update | the worker Service |
-//! | `policy` | `poddisruptionbudgets` | get, list, watch, create, patch, update, delete | the PDB, deleted when replicas drop to 1 or 0 |
-//! | `""` | `pods` | get, list, watch | pod status: readiness, scheduling failures, termination messages |
-//! | `events.k8s.io` | `events` | create, patch | events on condition transitions (repeats are patched into a series) |
-//! | `coordination.k8s.io` | `leases` | get, create, update | leader election (in the lease namespace only) |
+//! | `remotemedia.io` | `modelworkers` | list, watch | the objects it reconciles (its cache) |
+//! | `remotemedia.io` | `modelworkers/status` | patch | status by server-side apply on the status subresource |
+//! | `apps` | `deployments` | list, watch, create, patch | children are watched, and applied (server-side apply is a patch; applying a new object also needs create) |
+//! | `""` | `services` | list, watch, create, patch | the same for the Service |
+//! | `policy` | `poddisruptionbudgets` | get, list, watch, create, patch, delete | the same, and read then deleted when replicas drop to 1 or 0 |
+//! | `""` | `pods` | list, watch | pod status: readiness, scheduling failures, termination messages |
+//! | `events.k8s.io` | `events` | create, patch | events on condition transitions (a repeat is patched into a series) |
+//! | `coordination.k8s.io` | `leases` | get, create, update | leader election, in the lease namespace only |
 //!
-//! The Deployments' owner references set `blockOwnerDeletion`, which the API server allows only
-//! to a client that may `update` the owner's `modelworkers/finalizers`: grant `update` on
-//! `modelworkers/finalizers` too (no finalizer is ever set).
+//! Where the `OwnerReferencesPermissionEnforcement` admission plugin is on (not a default of the
+//! API server), setting `blockOwnerDeletion` on the children's owner references also needs
+//! `update` on `modelworkers/finalizers`; the operator never sets a finalizer.
 
 pub mod admin;
 pub mod config;
@@ -63,7 +69,7 @@ pub use config::{Args, Config};
 
 use crate::{
     controller::{Context, error_policy, owner_of_pod, reconcile, same_model_id},
-    leader::{Elector, LeaderError, error_chain},
+    leader::{Elector, LeaderError},
     metrics::Metrics,
     names::{FIELD_MANAGER, MANAGED_SELECTOR},
 };
@@ -201,8 +207,12 @@ async fn run_controller(
         .graceful_shutdown_on(stopped(stop))
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
-            if let Err(error) = result {
-                tracing::debug!(error = %error_chain(&error), "controller");
+            match result {
+                // Logged and counted by `error_policy`.
+                Ok(_) | Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // Watches failing (the API server away, a permission missing): retried with
+                // backoff, and worth seeing.
+                Err(error) => tracing::warn!(error = %error_chain(&error), "controller"),
             }
         })
         .await;
@@ -258,4 +268,16 @@ fn identity() -> String {
         .filter(|host| !host.is_empty())
         .unwrap_or_else(|| "remotemedia-operator".to_owned());
     format!("{host}-{}", std::process::id())
+}
+
+/// An error with its sources, for one log line.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

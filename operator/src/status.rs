@@ -29,9 +29,9 @@ use crate::names::GPU_RESOURCE;
 
 /// What blocks worker pods, with the message that says why.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Blocker {
-    pub reason: ConditionReason,
-    pub message: String,
+struct Blocker {
+    reason: ConditionReason,
+    message: String,
 }
 
 /// Everything status is computed from.
@@ -223,7 +223,7 @@ fn is_ready(pod: &Pod) -> bool {
 }
 
 /// The worst thing blocking the worker pods, if any.
-pub fn blocker(deployment: Option<&Deployment>, pods: &[&Pod]) -> Option<Blocker> {
+fn blocker(deployment: Option<&Deployment>, pods: &[&Pod]) -> Option<Blocker> {
     let mut found: Vec<Blocker> = deployment
         .into_iter()
         .filter_map(creation_failure)
