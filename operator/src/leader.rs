@@ -20,8 +20,10 @@ use crate::error_chain;
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
 /// The holder gives up (and exits) when it could not renew for this long.
 const RENEW_DEADLINE: Duration = Duration::from_secs(10);
-/// How often the holder renews and a candidate checks.
+/// How often the holder renews.
 const RETRY: Duration = Duration::from_secs(2);
+/// How often a candidate looks: it takes over at most this long after the Lease expired.
+const CANDIDATE_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaderError {
@@ -83,7 +85,7 @@ impl Elector {
                     tracing::warn!(error = %error_chain(&error), "failed to try the Lease")
                 }
             }
-            tokio::time::sleep(RETRY).await;
+            tokio::time::sleep(CANDIDATE_RETRY).await;
         }
     }
 
