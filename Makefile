@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := bash
 
-.PHONY: help setup demo test venv python-sdk fmt bench fuzz models gpu-check crds cluster-up cluster-down e2e images
+.PHONY: help setup demo test venv python-sdk fmt bench fuzz models gpu-check crds cluster-up cluster-down operator e2e images
 
 help: ## List the recipes
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ cluster-up: ## Start the local Kubernetes control plane (see e2e/cluster.sh env 
 
 cluster-down: ## Stop the local control plane; fails if a port stays open
 	@e2e/cluster.sh down
+
+operator: ## Run the operator out of cluster against KUBECONFIG's cluster, one replica (no leader election)
+	cargo run -p remotemedia-operator -- --leader-election=false
 
 e2e: ## Run only the end-to-end tier: control plane up, e2e tests, control plane down
 	@e2e/test.sh

@@ -7,6 +7,8 @@
 #   e2e/cluster.sh down    stop every process `up` started and check that no port is left open
 #   e2e/cluster.sh env     print `export` lines (KUBECONFIG, REMOTEMEDIA_E2E_LOGS, PATH) to eval
 #   e2e/cluster.sh logs    print the tail of every component's log
+#   e2e/cluster.sh restart-apiserver
+#                          stop the API server and start it again (etcd keeps the state)
 #
 # State lives in $REMOTEMEDIA_E2E_DIR (default .e2e/ in the repository): `kubeconfig` (cluster
 # admin), `logs/<component>.log`, certificates, etcd's data. Each `up` picks free loopback ports,
@@ -181,6 +183,53 @@ print_logs() {
   echo "----- all logs: $logs"
 }
 
+# start_apiserver: starts the API server on the ports of ports.env and waits until it is ready.
+start_apiserver() {
+  start kube-apiserver --bind-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
+    --advertise-address=192.0.2.1 \
+    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
+    --client-ca-file="$pki/ca.crt" \
+    --authorization-mode=Node,RBAC \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
+    --service-cluster-ip-range=10.96.0.0/16 \
+    --requestheader-client-ca-file="$pki/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
+    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
+    --requestheader-extra-headers-prefix=X-Remote-Extra- \
+    --proxy-client-cert-file="$pki/front-proxy-client.crt" --proxy-client-key-file="$pki/front-proxy-client.key" \
+    --allow-privileged=true
+  wait_healthy kube-apiserver "https://127.0.0.1:$APISERVER_PORT/readyz" \
+    --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key"
+}
+
+# restart_apiserver: stops the running API server (SIGTERM, then SIGKILL after 5s) and starts it
+# again with the same flags, certificates and etcd: for tests of clients that must outlive it.
+restart_apiserver() {
+  local pid
+  alive kube-apiserver || fail "no API server of this cluster runs in $state; run \`$0 up\` first"
+  # shellcheck source=/dev/null
+  source "$state/ports.env"
+  bin=$("$root/e2e/tools/build.sh")
+  pid=$(pid_of kube-apiserver)
+  kill -TERM "$pid"
+  # It drains its watches for a long while; the clients under test must cope with a hard stop too.
+  for _ in $(seq 1 50); do
+    alive kube-apiserver || break
+    sleep 0.1
+  done
+  if alive kube-apiserver; then
+    say "kube-apiserver did not stop on SIGTERM within 5s; killing it"
+    kill -KILL "$pid"
+  fi
+  while port_in_use "$APISERVER_PORT"; do sleep 0.1; done
+  sed -i '/^kube-apiserver /d' "$pids"
+  # The log of the run before the restart stays readable beside the new one.
+  mv "$logs/kube-apiserver.log" "$logs/kube-apiserver.before-restart.log"
+  start_apiserver
+  say "kube-apiserver restarted"
+}
+
 up() {
   local start_time=$SECONDS kubectl admin_kubeconfig=$state/kubeconfig
   if [[ -f $pids ]]; then
@@ -214,22 +263,7 @@ up() {
   # The advertised address only becomes the endpoint of the `kubernetes` Service, which endpoint
   # validation refuses to be loopback; nothing dials it (kwok's pods do not run), so it is one
   # from TEST-NET-1 (RFC 5737), which is never routed, rather than the host's.
-  start kube-apiserver --bind-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
-    --advertise-address=192.0.2.1 \
-    --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-    --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
-    --client-ca-file="$pki/ca.crt" \
-    --authorization-mode=Node,RBAC \
-    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
-    --service-cluster-ip-range=10.96.0.0/16 \
-    --requestheader-client-ca-file="$pki/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
-    --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
-    --requestheader-extra-headers-prefix=X-Remote-Extra- \
-    --proxy-client-cert-file="$pki/front-proxy-client.crt" --proxy-client-key-file="$pki/front-proxy-client.key" \
-    --allow-privileged=true
-  wait_healthy kube-apiserver "https://127.0.0.1:$APISERVER_PORT/readyz" \
-    --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key"
+  start_apiserver
 
   kubeconfig admin "$admin_kubeconfig"
   for user in controller-manager scheduler kwok; do
@@ -318,8 +352,9 @@ up) up ;;
 down) down ;;
 env) env_lines ;;
 logs) print_logs ;;
+restart-apiserver) restart_apiserver ;;
 *)
-  echo "usage: $0 up|down|env|logs" >&2
+  echo "usage: $0 up|down|env|logs|restart-apiserver" >&2
   exit 2
   ;;
 esac

@@ -77,6 +77,13 @@ pub enum ConditionReason {
     PodSecurityRejected,
     /// Another ModelWorker a sidecar routes to uses the same `modelId`.
     DuplicateModelId,
+    /// Pods cannot be created for another reason than Pod Security (a quota, a missing
+    /// ServiceAccount); the message is the ReplicaSet controller's.
+    PodCreationFailed,
+    /// The spec cannot be turned into worker pods (a rule the API server did not enforce).
+    InvalidSpec,
+    /// Worker pods are being created, scheduled, or are loading the model; nothing blocks them.
+    Pending,
 }
 
 impl ConditionReason {
@@ -90,6 +97,9 @@ impl ConditionReason {
             Self::CrashLooping => "CrashLooping",
             Self::PodSecurityRejected => "PodSecurityRejected",
             Self::DuplicateModelId => "DuplicateModelId",
+            Self::PodCreationFailed => "PodCreationFailed",
+            Self::InvalidSpec => "InvalidSpec",
+            Self::Pending => "Pending",
         }
     }
 }

@@ -4,6 +4,8 @@
 //! The tests expect the simulated topology of `e2e/nodes.yaml`: two nodes with four
 //! `nvidia.com/gpu` each and one CPU-only node.
 
+pub mod operator;
+
 use std::{future::Future, time::Duration};
 
 use k8s_openapi::{
@@ -73,6 +75,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("{0}")]
+    Process(String),
     #[error("timed out after {timeout:?} waiting for {what}; last seen: {last}")]
     Timeout {
         what: String,
@@ -257,6 +261,36 @@ impl Drop for TestNamespace {
             );
         }
     }
+}
+
+/// Runs kubectl (from PATH, against KUBECONFIG's cluster) with `stdin` as its input.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> Run {
+    run("kubectl", args, stdin)
+}
+
+/// Runs `program` like [`run`] without input and returns what it printed, failing the test if
+/// the program fails.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run(program, args, None);
+    assert!(out.success, "{program} {args:?} failed: {}", out.stderr);
+    out.stdout
+}
+
+/// Runs kubectl and returns its output, failing the test if kubectl fails.
+pub fn kubectl_ok(args: &[&str]) -> String {
+    run_ok("kubectl", args)
+}
+
+/// Installs the committed CRD as users do and waits until the API server serves it. Every test
+/// calls it: tests run in any order, and a repeated server-side apply changes nothing.
+pub async fn install_crd(client: &Client) -> Result<(), Error> {
+    kubectl_ok(&[
+        "apply",
+        "--server-side",
+        "-f",
+        &repo("crds/modelworker.yaml"),
+    ]);
+    wait_for_crd_established(client, "modelworkers.remotemedia.io").await
 }
 
 #[cfg(test)]

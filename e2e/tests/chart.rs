@@ -16,7 +16,8 @@ use k8s_openapi::{
 };
 use kube::Api;
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, repo, run, wait_for_crd_established, wait_until,
+    Error, Probe, TestNamespace, api, client, kubectl_ok, repo, run, run_ok,
+    wait_for_crd_established, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -31,15 +32,7 @@ fn chart() -> String {
 
 /// Runs helm and returns what it printed, failing the test if helm fails.
 fn helm_ok(args: &[&str]) -> String {
-    let out = run("helm", args, None);
-    assert!(out.success, "helm {args:?} failed: {}", out.stderr);
-    out.stdout
-}
-
-fn kubectl_ok(args: &[&str]) -> String {
-    let out = run("kubectl", args, None);
-    assert!(out.success, "kubectl {args:?} failed: {}", out.stderr);
-    out.stdout
+    run_ok("helm", args)
 }
 
 /// `helm template` as release `rm` in namespace `remotemedia` with `--set` values: the rendered

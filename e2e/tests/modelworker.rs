@@ -6,34 +6,14 @@
 use std::time::Duration;
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kube::{Client, CustomResourceExt, api::PostParams};
+use kube::{CustomResourceExt, api::PostParams};
 use remotemedia_crds::{CATEGORY, Device, ModelWorker, SHORT_NAME};
 use remotemedia_e2e::{
-    Error, Probe, Run, TestNamespace, api, client, repo, run, wait_for_crd_established, wait_until,
+    Error, Probe, TestNamespace, api, client, install_crd, kubectl, kubectl_ok, repo, wait_until,
 };
 use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(60);
-
-/// Runs kubectl (from PATH, against KUBECONFIG's cluster) with `stdin` as its input.
-fn kubectl(args: &[&str], stdin: Option<&str>) -> Run {
-    run("kubectl", args, stdin)
-}
-
-/// Runs kubectl and returns its output, failing the test if kubectl fails.
-fn kubectl_ok(args: &[&str]) -> String {
-    let run = kubectl(args, None);
-    assert!(run.success, "kubectl {args:?} failed: {}", run.stderr);
-    run.stdout
-}
-
-/// Installs the committed CRD as users do and waits until the API server serves it. Every test
-/// calls it: tests run in any order, and a repeated server-side apply changes nothing.
-async fn install_crd(client: &Client) -> Result<(), Error> {
-    let crd = repo("crds/modelworker.yaml");
-    kubectl_ok(&["apply", "--server-side", "-f", &crd]);
-    wait_for_crd_established(client, "modelworkers.remotemedia.io").await
-}
 
 /// A ModelWorker named `name` with a valid CPU spec, `patch`'s keys replacing the spec's.
 fn model_worker(name: &str, patch: Value) -> Value {
