@@ -7,6 +7,7 @@
 //! drains as DESIGN §6 describes.
 
 pub mod backend;
+mod batcher;
 pub mod config;
 pub mod decode;
 pub mod defaults;
@@ -41,7 +42,7 @@ use tokio::{
 pub use crate::config::{Config, ConfigError, Settings};
 use crate::{
     backend::LoadError,
-    executor::{Executor, ModelStats},
+    executor::{Executor, Limits, ModelStats},
     http::Health,
     lifecycle::Lifecycle,
     metrics::Metrics,
@@ -77,6 +78,8 @@ pub enum RunError {
     },
     #[error("failed to load model '{0}': the loader panicked")]
     LoadPanicked(String),
+    #[error("failed to start the executor threads")]
+    Executors(#[source] io::Error),
 }
 
 /// Runs the worker until SIGTERM (or SIGINT) and a completed drain.
@@ -89,8 +92,10 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         port,
         admin_port,
         uds,
+        instances,
         max_concurrency,
         max_queue,
+        batching,
         max_message_bytes,
         drain_delay,
         drain_timeout,
@@ -116,8 +121,12 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             metrics.shm_regions.clone(),
         ))
     });
+    let mut description = source.describe(&model_id);
+    // ModelConfig shows the batching the worker does, whether config.pbtxt or a flag set it.
+    description.dynamic_batching =
+        (batching.max_batch_size > 1).then_some(batching.max_queue_delay);
     let service = InferenceService::new(
-        source.describe(&model_id),
+        description,
         stats.clone(),
         lifecycle.clone(),
         metrics.clone(),
@@ -151,7 +160,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         admin_stopped,
     ));
     tracing::info!(
-        model = %model_id, %device, port, admin_port, uds = ?uds, allow_named_shm,
+        model = %model_id, %device, port, admin_port, uds = ?uds, allow_named_shm, instances,
+        max_batch_size = batching.max_batch_size, batch_delay = ?batching.max_queue_delay,
         "serving; loading the model"
     );
 
@@ -177,13 +187,14 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                 model: model_id.clone(),
                 source,
             })?;
-        service.set_executor(Executor::new(
-            backend.into(),
+        let limits = Limits {
+            instances,
             max_concurrency,
             max_queue,
-            metrics,
-            stats,
-        ));
+        };
+        let executor = Executor::start(backend.into(), batching, limits, metrics, stats)
+            .map_err(RunError::Executors)?;
+        service.set_executor(executor);
         lifecycle.mark_ready().await;
         tracing::info!(model = %model_id, "model ready");
         let signal = shutdown.await;
