@@ -3,7 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use remotemedia_proto::inference::ModelStatisticsRequest;
+use hyper_util::{
+    client::legacy::{Client as HttpClient, connect::HttpConnector},
+    rt::TokioExecutor,
+};
+use remotemedia_proto::inference::{
+    ModelStatisticsRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+};
 use tonic::Code;
 
 use crate::support::{Worker, request};
@@ -15,6 +21,18 @@ async fn outcomes(worker: &Worker, outcome: &str) -> f64 {
             "remotemedia_worker_requests_total{{outcome=\"{outcome}\"}}"
         ))
         .await
+}
+
+/// A gRPC client over a plain HTTP/2 connection: tonic's channel would also enforce a request's
+/// `grpc-timeout` itself and cancel the call, so the worker's own answer could not be seen.
+fn untimed_client(
+    worker: &Worker,
+) -> GrpcInferenceServiceClient<HttpClient<HttpConnector, tonic::body::Body>> {
+    let http = HttpClient::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new());
+    let origin = format!("http://127.0.0.1:{}", worker.port).parse().unwrap();
+    GrpcInferenceServiceClient::with_origin(http, origin)
 }
 
 /// Waits until the sample reaches `value`.
@@ -88,7 +106,10 @@ async fn an_expired_deadline_in_the_queue_answers_deadline_exceeded_without_runn
     let mut late = tonic::Request::new(request("identity", "UINT8", &[1], vec![2]));
     late.set_timeout(Duration::from_millis(100));
     let sent = Instant::now();
-    let status = client.clone().model_infer(late).await.unwrap_err();
+    let status = untimed_client(&worker)
+        .model_infer(late)
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(sent.elapsed() < Duration::from_millis(700), "answered after the running pass");
     running.await.unwrap().unwrap();
