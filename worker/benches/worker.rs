@@ -24,7 +24,11 @@ use std::{
 };
 
 use bytes::Bytes;
-use remotemedia_model_worker::{backend::ModelSource, config::Device, tensor::{DataType, TensorView}};
+use remotemedia_model_worker::{
+    backend::ModelSource,
+    config::Device,
+    tensor::{DataType, TensorView},
+};
 use remotemedia_proto::{
     inference::{
         InferParameter, ModelInferRequest, ServerReadyRequest, SystemSharedMemoryRegisterRequest,
@@ -63,7 +67,11 @@ fn main() -> Result<()> {
     runtime.block_on(async {
         println!(
             "worker benchmark ({})\n",
-            if quick { "quick: one pass per row" } else { "full" }
+            if quick {
+                "quick: one pass per row"
+            } else {
+                "full"
+            }
         );
         checksum_table(quick).await?;
         println!();
@@ -192,7 +200,11 @@ async fn checksum_table(quick: bool) -> Result<()> {
         ("16 MiB", 16 * MIB),
         ("64 MiB", 64 * MIB),
     ] {
-        let passes = if quick { 1 } else { (512 * MIB / size).clamp(20, 500) };
+        let passes = if quick {
+            1
+        } else {
+            (512 * MIB / size).clamp(20, 500)
+        };
         let payload = Bytes::from(vec![7u8; size]);
         let shape = [size];
         let baseline = time(passes, || {
@@ -242,7 +254,10 @@ async fn checksum_table(quick: bool) -> Result<()> {
         in_region.parameters = [
             (SHARED_MEMORY_REGION, ParameterChoice::StringParam(name)),
             (SHARED_MEMORY_OFFSET, ParameterChoice::Uint64Param(0)),
-            (SHARED_MEMORY_BYTE_SIZE, ParameterChoice::Uint64Param(size as u64)),
+            (
+                SHARED_MEMORY_BYTE_SIZE,
+                ParameterChoice::Uint64Param(size as u64),
+            ),
         ]
         .into_iter()
         .map(|(key, choice)| (key.to_owned(), parameter(choice)))
@@ -290,9 +305,7 @@ async fn heavy_table(models: &std::path::Path, quick: bool) -> Result<()> {
     let model = model.display().to_string();
     // Each client sends this many requests per row.
     let per_client = if quick { 1 } else { 16 };
-    println!(
-        "heavy model (FP32[1,256] per request): {per_client} request(s) per client per row"
-    );
+    println!("heavy model (FP32[1,256] per request): {per_client} request(s) per client per row");
     println!(
         "{:<12} {:<10} {:>12} {:>12} {:>14}",
         "concurrency", "batching", "req/s", "p99", "on vs off"

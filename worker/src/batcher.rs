@@ -161,8 +161,12 @@ mod tests {
 
     #[test]
     fn mismatched_dims_or_datatypes_get_different_keys() {
-        let base = batch_shape(&request(vec![input("x", &[1, 3], 0)])).unwrap().0;
-        let wider = batch_shape(&request(vec![input("x", &[1, 4], 0)])).unwrap().0;
+        let base = batch_shape(&request(vec![input("x", &[1, 3], 0)]))
+            .unwrap()
+            .0;
+        let wider = batch_shape(&request(vec![input("x", &[1, 4], 0)]))
+            .unwrap()
+            .0;
         let mut int = input("x", &[1, 3], 0);
         int.datatype = DataType::Int32;
         let int = batch_shape(&request(vec![int])).unwrap().0;
@@ -173,7 +177,13 @@ mod tests {
     #[test]
     fn scalars_and_disagreeing_batch_dims_run_alone() {
         assert!(batch_shape(&request(vec![input("x", &[], 0)])).is_none());
-        assert!(batch_shape(&request(vec![input("x", &[2, 3], 0), input("y", &[1, 3], 0)])).is_none());
+        assert!(
+            batch_shape(&request(vec![
+                input("x", &[2, 3], 0),
+                input("y", &[1, 3], 0)
+            ]))
+            .is_none()
+        );
     }
 
     #[test]

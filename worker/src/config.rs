@@ -253,7 +253,8 @@ impl Config {
         // Executors running at once share the cores rather than each taking all of them.
         let intra_op_threads = intra_op_threads.or_else(|| {
             (instances > 1).then(|| {
-                std::thread::available_parallelism().map_or(1, |cores| (cores.get() / instances).max(1))
+                std::thread::available_parallelism()
+                    .map_or(1, |cores| (cores.get() / instances).max(1))
             })
         });
         Ok(Settings {
@@ -294,7 +295,9 @@ fn batch_policy(
         Some(given) if given > model_max.max(1) => {
             return Err(ConfigError::MaxBatchSize {
                 given,
-                reason: format!("the model's config.pbtxt allows at most max_batch_size {model_max}"),
+                reason: format!(
+                    "the model's config.pbtxt allows at most max_batch_size {model_max}"
+                ),
             });
         }
         Some(given) => given,
@@ -433,9 +436,15 @@ mod tests {
         assert_eq!(policy((8, None), None, None), BatchPolicy::OFF);
         assert_eq!(policy((8, None), Some(8), None).max_batch_size, 8);
         let too_big = batch_policy(dynamic, Some(9), None).unwrap_err();
-        assert!(too_big.to_string().contains("at most max_batch_size 8"), "{too_big}");
+        assert!(
+            too_big.to_string().contains("at most max_batch_size 8"),
+            "{too_big}"
+        );
         let no_batch_dim = batch_policy((0, None), Some(2), None).unwrap_err();
-        assert!(no_batch_dim.to_string().contains("no batch dim"), "{no_batch_dim}");
+        assert!(
+            no_batch_dim.to_string().contains("no batch dim"),
+            "{no_batch_dim}"
+        );
         assert_eq!(policy((0, None), Some(1), None), BatchPolicy::OFF);
     }
 
@@ -511,8 +520,18 @@ mod tests {
                 "0",
             ],
             &["--model-path", "builtin://identity", "--instances", "0"],
-            &["--model-path", "builtin://identity", "--max-batch-size", "0"],
-            &["--model-path", "builtin://checksum", "--max-batch-size", "8"],
+            &[
+                "--model-path",
+                "builtin://identity",
+                "--max-batch-size",
+                "0",
+            ],
+            &[
+                "--model-path",
+                "builtin://checksum",
+                "--max-batch-size",
+                "8",
+            ],
         ];
         for args in cases {
             assert!(config(args).validate().is_err(), "{args:?}");

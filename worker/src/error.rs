@@ -108,7 +108,10 @@ mod tests {
             (ServiceError::NotReady("x".into()), Code::Unavailable),
             (ServiceError::QueueFull(3), Code::ResourceExhausted),
             (ServiceError::DeadlineExceeded, Code::DeadlineExceeded),
-            (ServiceError::InvalidTimeout("9".into()), Code::InvalidArgument),
+            (
+                ServiceError::InvalidTimeout("9".into()),
+                Code::InvalidArgument,
+            ),
             (ServiceError::Panicked, Code::Internal),
             (
                 ServiceError::SharedMemory(SharedMemoryError::AlreadyRegistered("r".into())),

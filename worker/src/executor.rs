@@ -299,7 +299,10 @@ impl Shared {
             // One request may be what the model refused: each runs alone for its own answer.
             Err(error) => {
                 tracing::debug!(%error, requests = batch.len(), "batched pass failed; running its requests one by one");
-                requests.into_iter().map(|request| self.pass(request)).collect()
+                requests
+                    .into_iter()
+                    .map(|request| self.pass(request))
+                    .collect()
             }
         }
     }
@@ -581,7 +584,10 @@ mod tests {
             assert_eq!(output.shape, *shape);
             assert!(output.data.iter().all(|&byte| byte == fill));
         }
-        assert_eq!(echo.passes().iter().map(|pass| pass.0).collect::<Vec<_>>(), [4]);
+        assert_eq!(
+            echo.passes().iter().map(|pass| pass.0).collect::<Vec<_>>(),
+            [4]
+        );
         assert_eq!(executor.shared.metrics.batch_copied_bytes.get(), 12);
     }
 
@@ -596,7 +602,10 @@ mod tests {
         for task in tasks {
             task.await.unwrap().unwrap();
         }
-        assert_eq!(echo.passes().iter().map(|pass| pass.0).collect::<Vec<_>>(), [2, 2]);
+        assert_eq!(
+            echo.passes().iter().map(|pass| pass.0).collect::<Vec<_>>(),
+            [2, 2]
+        );
     }
 
     #[tokio::test]
@@ -619,7 +628,10 @@ mod tests {
         until(|| metrics.in_flight.get() == 1).await;
         let deadline = Instant::now() + Duration::from_millis(50);
         let expired = executor.infer(request(&[1], 2), Some(deadline)).await;
-        assert!(matches!(expired, Err(ServiceError::DeadlineExceeded)), "{expired:?}");
+        assert!(
+            matches!(expired, Err(ServiceError::DeadlineExceeded)),
+            "{expired:?}"
+        );
         assert!(Instant::now() < deadline + Duration::from_secs(1));
         release(&echo).await;
         running.await.unwrap().unwrap();
@@ -646,7 +658,10 @@ mod tests {
             Err(ServiceError::Backend(BackendError::InvalidInput(_)))
         ));
         assert_eq!(results[2].as_ref().unwrap()[0].data.as_ref(), [3, 3]);
-        assert_eq!(echo.passes().iter().map(|pass| pass.0).collect::<Vec<_>>(), [3, 1, 1, 1]);
+        assert_eq!(
+            echo.passes().iter().map(|pass| pass.0).collect::<Vec<_>>(),
+            [3, 1, 1, 1]
+        );
     }
 
     async fn futures_join(

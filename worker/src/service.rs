@@ -506,7 +506,10 @@ mod tests {
         assert_eq!(timeout("3M").unwrap(), Duration::from_secs(180));
         assert_eq!(timeout("1S").unwrap(), Duration::from_secs(1));
         assert_eq!(timeout("250m").unwrap(), Duration::from_millis(250));
-        assert_eq!(timeout("99999999u").unwrap(), Duration::from_micros(99_999_999));
+        assert_eq!(
+            timeout("99999999u").unwrap(),
+            Duration::from_micros(99_999_999)
+        );
         assert_eq!(timeout("7n").unwrap(), Duration::from_nanos(7));
     }
 
@@ -514,7 +517,11 @@ mod tests {
     fn malformed_grpc_timeouts_are_invalid_arguments() {
         for bad in ["", "S", "10", "123456789m", "-1S", "1s", "1.5S"] {
             let error = timeout(bad).unwrap_err();
-            assert_eq!(Status::from(error).code(), tonic::Code::InvalidArgument, "{bad}");
+            assert_eq!(
+                Status::from(error).code(),
+                tonic::Code::InvalidArgument,
+                "{bad}"
+            );
         }
     }
 }

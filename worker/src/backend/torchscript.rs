@@ -76,9 +76,9 @@ impl TorchScript {
             max_batch_size,
             signature,
             dynamic_batching: match &parsed.config.scheduling_choice {
-                Some(SchedulingChoice::DynamicBatching(batching)) => Some(Duration::from_micros(
-                    batching.max_queue_delay_microseconds,
-                )),
+                Some(SchedulingChoice::DynamicBatching(batching)) => {
+                    Some(Duration::from_micros(batching.max_queue_delay_microseconds))
+                }
                 _ => None,
             },
             ignored_fields: parsed.ignored_fields,

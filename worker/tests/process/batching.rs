@@ -106,12 +106,12 @@ async fn an_expired_deadline_in_the_queue_answers_deadline_exceeded_without_runn
     let mut late = tonic::Request::new(request("identity", "UINT8", &[1], vec![2]));
     late.set_timeout(Duration::from_millis(100));
     let sent = Instant::now();
-    let status = untimed_client(&worker)
-        .model_infer(late)
-        .await
-        .unwrap_err();
+    let status = untimed_client(&worker).model_infer(late).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(sent.elapsed() < Duration::from_millis(700), "answered after the running pass");
+    assert!(
+        sent.elapsed() < Duration::from_millis(700),
+        "answered after the running pass"
+    );
     running.await.unwrap().unwrap();
 
     // The worker answered it (its own count), and only the first request ever ran.
@@ -215,7 +215,9 @@ mod torch {
             "batching off: one request per pass"
         );
         assert_eq!(
-            unbatched.metric("remotemedia_worker_batch_size_count").await,
+            unbatched
+                .metric("remotemedia_worker_batch_size_count")
+                .await,
             CLIENTS as f64
         );
 
