@@ -30,6 +30,7 @@ use std::{
     time::Duration,
 };
 
+use axum::serve::ListenerExt;
 use prometheus_client::registry::Registry;
 use remotemedia_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use tokio::{
@@ -149,6 +150,14 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
 
     let (stop, stopped) = watch::channel(false);
     let mut servers = JoinSet::new();
+    // Without TCP_NODELAY, Nagle's algorithm holds HTTP/2's small frames (window updates,
+    // headers) behind unacknowledged data, and a large inline tensor crawls in stalls (tonic's
+    // own server sets it too).
+    let grpc_listener = grpc_listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "failed to set TCP_NODELAY");
+        }
+    });
     servers.spawn(serve(grpc_listener, router.clone(), stopped.clone()));
     if let Some(listener) = uds_listener {
         servers.spawn(serve(listener, router, stopped.clone()));
