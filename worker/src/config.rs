@@ -177,6 +177,10 @@ pub enum ConfigError {
     Zero { flag: &'static str },
     #[error("invalid --max-batch-size {given}: {reason}")]
     MaxBatchSize { given: usize, reason: String },
+    #[error(
+        "invalid batch delay of {0} microseconds (--batch-timeout-us or config.pbtxt's max_queue_delay_microseconds): at most {MAX_BATCH_DELAY_US}"
+    )]
+    BatchDelay(u128),
     #[error("invalid --uds {path}: {reason}")]
     Uds { path: PathBuf, reason: &'static str },
 }
@@ -277,6 +281,9 @@ impl Config {
     }
 }
 
+/// Longest batch delay: a request held longer for company is a configuration mistake.
+const MAX_BATCH_DELAY_US: u64 = 60_000_000;
+
 /// Dynamic batching from the model's configuration (`max_batch_size`, and `dynamic_batching`'s
 /// max queue delay when it is set) and the flags, which win.
 fn batch_policy(
@@ -308,6 +315,9 @@ fn batch_policy(
         .map(Duration::from_micros)
         .or(dynamic_batching)
         .unwrap_or(Duration::ZERO);
+    if max_queue_delay.as_micros() > u128::from(MAX_BATCH_DELAY_US) {
+        return Err(ConfigError::BatchDelay(max_queue_delay.as_micros()));
+    }
     Ok(BatchPolicy {
         max_batch_size,
         max_queue_delay,
@@ -446,6 +456,17 @@ mod tests {
             "{no_batch_dim}"
         );
         assert_eq!(policy((0, None), Some(1), None), BatchPolicy::OFF);
+        for (model, timeout) in [
+            (dynamic, Some(u64::MAX)),
+            ((8, Some(Duration::from_secs(61))), None),
+        ] {
+            let error = batch_policy(model, None, timeout).unwrap_err();
+            assert!(error.to_string().contains("at most 60000000"), "{error}");
+        }
+        assert_eq!(
+            policy(dynamic, None, Some(60_000_000)).max_queue_delay,
+            Duration::from_secs(60)
+        );
     }
 
     #[test]
