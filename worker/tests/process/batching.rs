@@ -146,7 +146,7 @@ mod torch {
     //! Tolerance: a batched forward pass multiplies a matrix of several rows where the unbatched
     //! one multiplies a single row, and libtorch may pick a different kernel (another
     //! summation order) for each, so FP32 answers may differ in their last bits:
-    //! |batched − unbatched| ≤ 1e-5 · max(1, |unbatched|) (measured: below 1e-6).
+    //! |batched − unbatched| ≤ 1e-5 · max(1, |unbatched|).
 
     use bytes::Bytes;
     use remotemedia_proto::inference::{
