@@ -42,6 +42,8 @@ crds: ## Regenerate crds/modelworker.yaml from the Rust types in crds/src, and t
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)
 	cargo bench --locked -p remotemedia-sidecar --bench broker -- $(if $(QUICK),--quick)
+	"$$(scripts/venv.sh)/bin/python" scripts/make_models.py $(MODELS_DIR)
+	source scripts/torch-env.sh && cargo bench --locked -p remotemedia-model-worker --features torch --bench worker -- --models "$(abspath $(MODELS_DIR))" $(if $(QUICK),--quick)
 	@scripts/python-sdk.sh
 	"$$(scripts/venv.sh)/bin/python" python/benches/sdk.py $(if $(QUICK),--quick)
 

@@ -12,6 +12,7 @@ use clap::Parser;
 
 use crate::{
     backend::{ModelSource, SourceError},
+    batcher::BatchPolicy,
     defaults,
 };
 
@@ -33,7 +34,8 @@ pub struct Config {
     #[arg(long, env = "REMOTEMEDIA_WORKER_DEVICE", default_value_t = defaults::DEVICE)]
     pub device: Device,
 
-    /// Threads libtorch uses within one operator [default: libtorch's, one per core]
+    /// Threads libtorch uses within one operator [default: libtorch's, one per core; with
+    /// several --instances, the cores shared out among them]
     #[arg(long, env = "REMOTEMEDIA_WORKER_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<usize>,
 
@@ -54,13 +56,32 @@ pub struct Config {
     #[arg(long, env = "REMOTEMEDIA_WORKER_BROKER")]
     pub broker: Option<PathBuf>,
 
-    /// Requests run at once; more wait in the queue
+    /// Forward-pass executors: threads that each run one pass (of one request or a batch) at a
+    /// time, like Triton's instance count. Each pass uses --intra-op-threads threads
+    #[arg(long, env = "REMOTEMEDIA_WORKER_INSTANCES", default_value_t = defaults::INSTANCES)]
+    pub instances: usize,
+
+    /// Requests in forward passes at once, over all executors and their batches; more wait in
+    /// the queue
     #[arg(long, env = "REMOTEMEDIA_WORKER_MAX_CONCURRENCY", default_value_t = defaults::MAX_CONCURRENCY)]
     pub max_concurrency: usize,
 
-    /// Requests that may wait for a slot; more are refused with RESOURCE_EXHAUSTED
+    /// Requests that may wait for an executor; more are refused with RESOURCE_EXHAUSTED
     #[arg(long, env = "REMOTEMEDIA_WORKER_MAX_QUEUE", default_value_t = defaults::MAX_QUEUE)]
     pub max_queue: usize,
+
+    /// Dynamic batching: most rows (dim 0) of queued requests concatenated into one forward
+    /// pass; 1 turns batching off. This flag wins over config.pbtxt, up to the model's
+    /// max_batch_size [default: config.pbtxt's max_batch_size if it sets dynamic_batching,
+    /// else 1; built-in models have no batch dim and never batch]
+    #[arg(long, env = "REMOTEMEDIA_WORKER_MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+
+    /// Dynamic batching: microseconds the oldest queued request waits for others to fill its
+    /// batch. This flag wins over config.pbtxt [default: its
+    /// dynamic_batching.max_queue_delay_microseconds, else 0]
+    #[arg(long, env = "REMOTEMEDIA_WORKER_BATCH_TIMEOUT_US")]
+    pub batch_timeout_us: Option<u64>,
 
     /// Largest gRPC message received or sent, in bytes
     #[arg(long, env = "REMOTEMEDIA_WORKER_MAX_MESSAGE_BYTES", default_value_t = defaults::MAX_MESSAGE_BYTES)]
@@ -135,8 +156,10 @@ pub struct Settings {
     pub admin_port: u16,
     pub uds: Option<PathBuf>,
     pub broker: Option<PathBuf>,
+    pub instances: usize,
     pub max_concurrency: usize,
     pub max_queue: usize,
+    pub batching: BatchPolicy,
     pub max_message_bytes: usize,
     pub drain_delay: Duration,
     pub drain_timeout: Duration,
@@ -158,6 +181,12 @@ pub enum ConfigError {
     SamePorts(u16),
     #[error("invalid --{flag} 0: it must be at least 1")]
     Zero { flag: &'static str },
+    #[error("invalid --max-batch-size {given}: {reason}")]
+    MaxBatchSize { given: usize, reason: String },
+    #[error(
+        "invalid batch delay of {0} microseconds (--batch-timeout-us or config.pbtxt's max_queue_delay_microseconds): at most {MAX_BATCH_DELAY_US}"
+    )]
+    BatchDelay(u128),
     #[error("invalid --uds {path}: {reason}")]
     Uds { path: PathBuf, reason: &'static str },
     #[error("invalid --broker {0}: not an absolute path")]
@@ -192,8 +221,11 @@ impl Config {
             admin_port,
             uds,
             broker,
+            instances,
             max_concurrency,
             max_queue,
+            max_batch_size,
+            batch_timeout_us,
             max_message_bytes,
             drain_delay,
             drain_timeout,
@@ -220,7 +252,9 @@ impl Config {
             return Err(ConfigError::SamePorts(port));
         }
         for (flag, value) in [
+            ("instances", instances),
             ("max-concurrency", max_concurrency),
+            ("max-batch-size", max_batch_size.unwrap_or(1)),
             ("max-message-bytes", max_message_bytes),
             ("intra-op-threads", intra_op_threads.unwrap_or(1)),
         ] {
@@ -231,6 +265,14 @@ impl Config {
         if let Some(path) = &uds {
             check_uds(path)?;
         }
+        let batching = batch_policy(source.batching(), max_batch_size, batch_timeout_us)?;
+        // Executors running at once share the cores rather than each taking all of them.
+        let intra_op_threads = intra_op_threads.or_else(|| {
+            (instances > 1).then(|| {
+                std::thread::available_parallelism()
+                    .map_or(1, |cores| (cores.get() / instances).max(1))
+            })
+        });
         Ok(Settings {
             model_id,
             source,
@@ -240,14 +282,59 @@ impl Config {
             admin_port,
             uds,
             broker,
+            instances,
             max_concurrency,
             max_queue,
+            batching,
             max_message_bytes,
             drain_delay: drain_delay.into(),
             drain_timeout: drain_timeout.into(),
             allow_named_shm,
         })
     }
+}
+
+/// Longest batch delay: a request held longer for company is a configuration mistake.
+const MAX_BATCH_DELAY_US: u64 = 60_000_000;
+
+/// Dynamic batching from the model's configuration (`max_batch_size`, and `dynamic_batching`'s
+/// max queue delay when it is set) and the flags, which win.
+fn batch_policy(
+    (model_max, dynamic_batching): (u32, Option<Duration>),
+    max_batch_size: Option<usize>,
+    batch_timeout_us: Option<u64>,
+) -> Result<BatchPolicy, ConfigError> {
+    let model_max = model_max as usize;
+    let max_batch_size = match max_batch_size {
+        Some(given) if given > 1 && model_max == 0 => {
+            return Err(ConfigError::MaxBatchSize {
+                given,
+                reason: "the model has no batch dim (max_batch_size 0 in its config.pbtxt; built-in models have none)".into(),
+            });
+        }
+        Some(given) if given > model_max.max(1) => {
+            return Err(ConfigError::MaxBatchSize {
+                given,
+                reason: format!(
+                    "the model's config.pbtxt allows at most max_batch_size {model_max}"
+                ),
+            });
+        }
+        Some(given) => given,
+        None if dynamic_batching.is_some() => model_max.max(1),
+        None => 1,
+    };
+    let max_queue_delay = batch_timeout_us
+        .map(Duration::from_micros)
+        .or(dynamic_batching)
+        .unwrap_or(Duration::ZERO);
+    if max_queue_delay.as_micros() > u128::from(MAX_BATCH_DELAY_US) {
+        return Err(ConfigError::BatchDelay(max_queue_delay.as_micros()));
+    }
+    Ok(BatchPolicy {
+        max_batch_size,
+        max_queue_delay,
+    })
 }
 
 fn check_device(device: Device, count: usize) -> Result<(), ConfigError> {
@@ -316,6 +403,8 @@ mod tests {
         assert_eq!((settings.port, settings.admin_port), (50051, 9090));
         assert_eq!(settings.device, Device::Cpu);
         assert_eq!(settings.max_concurrency, 100);
+        assert_eq!(settings.instances, 1);
+        assert_eq!(settings.batching, BatchPolicy::OFF, "built-ins never batch");
         assert_eq!(settings.drain_delay, Duration::from_secs(5));
         assert!(settings.allow_named_shm);
     }
@@ -345,6 +434,71 @@ mod tests {
         .unwrap();
         assert_eq!(settings.drain_delay, Duration::from_millis(250));
         assert_eq!(settings.drain_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn batching_comes_from_the_config_and_the_flags_win() {
+        let dynamic = (8, Some(Duration::from_micros(500)));
+        let policy = |model, size, timeout| batch_policy(model, size, timeout).unwrap();
+        assert_eq!(
+            policy(dynamic, None, None),
+            BatchPolicy {
+                max_batch_size: 8,
+                max_queue_delay: Duration::from_micros(500)
+            }
+        );
+        assert_eq!(
+            policy(dynamic, Some(4), Some(50)),
+            BatchPolicy {
+                max_batch_size: 4,
+                max_queue_delay: Duration::from_micros(50)
+            }
+        );
+        assert_eq!(policy(dynamic, Some(1), None).max_batch_size, 1);
+        // A batch dim without dynamic_batching: off unless the flag turns it on, as in Triton.
+        assert_eq!(policy((8, None), None, None), BatchPolicy::OFF);
+        assert_eq!(policy((8, None), Some(8), None).max_batch_size, 8);
+        let too_big = batch_policy(dynamic, Some(9), None).unwrap_err();
+        assert!(
+            too_big.to_string().contains("at most max_batch_size 8"),
+            "{too_big}"
+        );
+        let no_batch_dim = batch_policy((0, None), Some(2), None).unwrap_err();
+        assert!(
+            no_batch_dim.to_string().contains("no batch dim"),
+            "{no_batch_dim}"
+        );
+        assert_eq!(policy((0, None), Some(1), None), BatchPolicy::OFF);
+        for (model, timeout) in [
+            (dynamic, Some(u64::MAX)),
+            ((8, Some(Duration::from_secs(61))), None),
+        ] {
+            let error = batch_policy(model, None, timeout).unwrap_err();
+            assert!(error.to_string().contains("at most 60000000"), "{error}");
+        }
+        assert_eq!(
+            policy(dynamic, None, Some(60_000_000)).max_queue_delay,
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn several_instances_share_the_cores() {
+        let settings = config(&["--model-path", "builtin://identity", "--instances", "64"])
+            .validate()
+            .unwrap();
+        assert_eq!(settings.intra_op_threads, Some(1));
+        let settings = config(&[
+            "--model-path",
+            "builtin://identity",
+            "--instances",
+            "2",
+            "--intra-op-threads",
+            "3",
+        ])
+        .validate()
+        .unwrap();
+        assert_eq!(settings.intra_op_threads, Some(3));
     }
 
     #[test]
@@ -398,6 +552,19 @@ mod tests {
                 "builtin://identity",
                 "--intra-op-threads",
                 "0",
+            ],
+            &["--model-path", "builtin://identity", "--instances", "0"],
+            &[
+                "--model-path",
+                "builtin://identity",
+                "--max-batch-size",
+                "0",
+            ],
+            &[
+                "--model-path",
+                "builtin://checksum",
+                "--max-batch-size",
+                "8",
             ],
         ];
         for args in cases {

@@ -12,9 +12,11 @@ pub const ADMIN_PORT: u16 = 9090;
 pub const LISTEN_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::UNSPECIFIED;
 /// The device models run on.
 pub const DEVICE: Device = Device::Cpu;
-/// Requests running at once; more wait in the queue.
+/// Forward-pass executor threads, like Triton's default instance count of one.
+pub const INSTANCES: usize = 1;
+/// Requests in forward passes at once; more wait in the queue.
 pub const MAX_CONCURRENCY: usize = 100;
-/// Requests waiting for a free slot; beyond this they are refused with RESOURCE_EXHAUSTED.
+/// Requests waiting for an executor; beyond this they are refused with RESOURCE_EXHAUSTED.
 pub const MAX_QUEUE: usize = 1024;
 /// Largest gRPC message received or sent.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;

@@ -25,6 +25,10 @@ pub enum ServiceError {
     Decode(#[from] DecodeError),
     #[error("the request queue is full ({0} waiting); retry later")]
     QueueFull(usize),
+    #[error("the request's deadline passed before it ran")]
+    DeadlineExceeded,
+    #[error("invalid grpc-timeout header '{0}'")]
+    InvalidTimeout(String),
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error("the model panicked")]
@@ -44,6 +48,7 @@ impl From<ServiceError> for Status {
                 Status::new(shared_memory_code(&error), message)
             }
             ServiceError::MissingModelName
+            | ServiceError::InvalidTimeout(_)
             | ServiceError::Decode(_)
             | ServiceError::Backend(BackendError::InvalidInput(_)) => {
                 Status::invalid_argument(message)
@@ -54,6 +59,7 @@ impl From<ServiceError> for Status {
             ServiceError::NotReady(_) => Status::unavailable(message),
             ServiceError::Grant(error) => Status::new(error.code(), message),
             ServiceError::QueueFull(_) => Status::resource_exhausted(message),
+            ServiceError::DeadlineExceeded => Status::deadline_exceeded(message),
             ServiceError::Backend(BackendError::Failed(_)) | ServiceError::Panicked => {
                 // The details are the model's internals: log them, tell the client only that it
                 // failed.
@@ -106,6 +112,11 @@ mod tests {
             (ServiceError::UnknownModel("x".into()), Code::NotFound),
             (ServiceError::NotReady("x".into()), Code::Unavailable),
             (ServiceError::QueueFull(3), Code::ResourceExhausted),
+            (ServiceError::DeadlineExceeded, Code::DeadlineExceeded),
+            (
+                ServiceError::InvalidTimeout("9".into()),
+                Code::InvalidArgument,
+            ),
             (ServiceError::Panicked, Code::Internal),
             (
                 ServiceError::SharedMemory(SharedMemoryError::AlreadyRegistered("r".into())),

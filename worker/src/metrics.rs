@@ -63,10 +63,16 @@ struct OutcomeLabels {
 pub struct Metrics {
     requests: Family<OutcomeLabels, Counter>,
     duration: Histogram,
-    /// Requests admitted and waiting for a free slot.
+    /// Requests admitted and waiting for an executor.
     pub queue_depth: Gauge,
     /// Forward passes running now.
     pub in_flight: Gauge,
+    /// Requests per forward pass.
+    pub batch_size: Histogram,
+    /// Time from queueing a request to the start of its pass.
+    pub queue_delay: Histogram,
+    /// Input bytes copied to concatenate batches (a request run alone is never copied).
+    pub batch_copied_bytes: Counter,
     /// Shared-memory inputs copied because their address did not suit their datatype.
     pub shm_misaligned_copies: Counter,
     /// System shared-memory regions registered now.
@@ -82,6 +88,11 @@ impl Metrics {
             duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             queue_depth: Gauge::default(),
             in_flight: Gauge::default(),
+            // 1 to 1024 requests.
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 11)),
+            // 10 µs to about 5 s.
+            queue_delay: Histogram::new(exponential_buckets(0.000_01, 2.0, 20)),
+            batch_copied_bytes: Counter::default(),
             shm_misaligned_copies: Counter::default(),
             shm_regions: Gauge::default(),
         };
@@ -97,8 +108,23 @@ impl Metrics {
         );
         registry.register(
             "queue_depth",
-            "Inference requests waiting for a free slot",
+            "Inference requests waiting for an executor",
             metrics.queue_depth.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Requests run together in one forward pass (dynamic batching)",
+            metrics.batch_size.clone(),
+        );
+        registry.register(
+            "queue_delay_seconds",
+            "Time from queueing an inference request to the start of its forward pass",
+            metrics.queue_delay.clone(),
+        );
+        registry.register(
+            "batch_copied_bytes",
+            "Input bytes copied to concatenate requests into batches; a request run alone is read in place",
+            metrics.batch_copied_bytes.clone(),
         );
         registry.register(
             "in_flight",

@@ -2,8 +2,11 @@
 //! that answers ModelMetadata and ModelConfig. Known before the model loads, so both RPCs answer
 //! while it is still loading.
 
+use std::time::Duration;
+
 use remotemedia_proto::inference::{
-    DataType as ConfigDataType, ModelConfig, ModelInput, ModelMetadataResponse, ModelOutput,
+    DataType as ConfigDataType, ModelConfig, ModelDynamicBatching, ModelInput,
+    ModelMetadataResponse, ModelOutput, model_config::SchedulingChoice,
     model_metadata_response::TensorMetadata,
 };
 
@@ -37,6 +40,8 @@ pub struct ModelDescription {
     /// Triton's `max_batch_size`: above 0, the signature's first dim is the batch dim, which
     /// the ModelConfig answer leaves out of its dims as Triton's configuration does.
     pub max_batch_size: u32,
+    /// The max queue delay of dynamic batching, when the worker batches this model.
+    pub dynamic_batching: Option<Duration>,
     /// Full shapes (as ModelMetadata reports them).
     pub signature: ModelSignature,
 }
@@ -83,6 +88,13 @@ impl ModelDescription {
             name: self.name.clone(),
             platform: self.platform.clone(),
             max_batch_size: i32::try_from(self.max_batch_size).unwrap_or(i32::MAX),
+            scheduling_choice: self.dynamic_batching.map(|delay| {
+                SchedulingChoice::DynamicBatching(ModelDynamicBatching {
+                    max_queue_delay_microseconds: u64::try_from(delay.as_micros())
+                        .unwrap_or(u64::MAX),
+                    ..Default::default()
+                })
+            }),
             input: self
                 .signature
                 .inputs
@@ -119,6 +131,7 @@ mod tests {
             name: "m".into(),
             platform: "builtin".into(),
             max_batch_size: 0,
+            dynamic_batching: None,
             signature: ModelSignature {
                 inputs: vec![TensorSpec {
                     name: "INPUT0".into(),
@@ -147,6 +160,7 @@ mod tests {
     #[test]
     fn config_uses_triton_type_enums() {
         let config = description().config();
+        assert_eq!(config.scheduling_choice, None);
         assert_eq!(config.input[0].data_type, ConfigDataType::TypeFp32 as i32);
         assert_eq!(config.input[0].dims, [-1, 4]);
         assert_eq!(
@@ -159,11 +173,16 @@ mod tests {
     fn batched_config_leaves_the_batch_dim_out_of_dims() {
         let batched = ModelDescription {
             max_batch_size: 8,
+            dynamic_batching: Some(Duration::from_micros(500)),
             ..description()
         };
         assert_eq!(batched.metadata().inputs[0].shape, [-1, 4]);
         let config = batched.config();
         assert_eq!(config.max_batch_size, 8);
+        let Some(SchedulingChoice::DynamicBatching(batching)) = config.scheduling_choice else {
+            panic!("no dynamic_batching: {config:?}");
+        };
+        assert_eq!(batching.max_queue_delay_microseconds, 500);
         assert_eq!(config.input[0].dims, [4]);
     }
 }

@@ -10,11 +10,13 @@ use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
 use remotemedia_proto::inference::ModelConfig;
 
 /// Fields of `ModelConfig` (and of its inputs and outputs) that the worker acts on; any other
-/// field that is set is accepted and reported. `dynamic_batching` joins when the batcher does.
+/// field that is set is accepted and reported.
 const ACTED_ON: &[&str] = &[
     "name",
     "platform",
     "max_batch_size",
+    "dynamic_batching",
+    "dynamic_batching.max_queue_delay_microseconds",
     "input",
     "output",
     "input.name",
@@ -162,7 +164,7 @@ output [
   }
 ]
 instance_group [ { count: 2, kind: KIND_CPU } ]
-dynamic_batching { max_queue_delay_microseconds: 500 }
+dynamic_batching { max_queue_delay_microseconds: 500 preferred_batch_size: [ 4 ] }
 "#;
 
     #[test]
@@ -185,7 +187,7 @@ dynamic_batching { max_queue_delay_microseconds: 500 }
         assert_eq!(
             parsed.ignored_fields,
             [
-                "dynamic_batching",
+                "dynamic_batching.preferred_batch_size",
                 "instance_group",
                 "output.label_filename"
             ]

@@ -2,7 +2,7 @@
 
 use std::{
     sync::{Arc, OnceLock},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -22,7 +22,10 @@ use remotemedia_proto::params::{
 };
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{
+    Request, Response, Status, Streaming,
+    metadata::{Ascii, MetadataValue},
+};
 
 use crate::{
     backend::BackendError,
@@ -46,6 +49,9 @@ const SHARED_MEMORY_EXTENSION: &str = "system_shared_memory";
 /// Requests of one ModelStreamInfer stream that may be in progress at once; the stream reads no
 /// further until one finishes, so a client cannot pile up unbounded work or responses.
 const STREAM_MAX_IN_FLIGHT: usize = 64;
+
+/// gRPC's header for the time a client gives a call.
+const GRPC_TIMEOUT: &str = "grpc-timeout";
 
 /// The inference service; clones share one model.
 #[derive(Clone)]
@@ -120,14 +126,23 @@ impl InferenceService {
         Ok(model)
     }
 
-    /// One inference, counted in the metrics.
+    /// One inference, counted in the metrics; `timeout` is the client's `grpc-timeout`.
     #[tracing::instrument(skip_all, fields(model = %request.model_name, id = %request.id))]
     async fn infer_measured(
         &self,
         request: ModelInferRequest,
+        timeout: Option<&MetadataValue<Ascii>>,
     ) -> Result<ModelInferResponse, Status> {
         let started = Instant::now();
-        let result = self.infer(request).await.map_err(Status::from);
+        let result = match timeout.map(grpc_timeout).transpose() {
+            Ok(timeout) => {
+                // Saturates far in the future for a timeout no Instant can hold: no deadline.
+                let deadline = timeout.and_then(|timeout| started.checked_add(timeout));
+                self.infer(request, deadline).await
+            }
+            Err(error) => Err(error),
+        }
+        .map_err(Status::from);
         self.inner
             .metrics
             .record(Outcome::of(&result), started.elapsed());
@@ -137,10 +152,14 @@ impl InferenceService {
         result
     }
 
-    async fn infer(&self, request: ModelInferRequest) -> Result<ModelInferResponse, ServiceError> {
+    async fn infer(
+        &self,
+        request: ModelInferRequest,
+        deadline: Option<Instant>,
+    ) -> Result<ModelInferResponse, ServiceError> {
         let model = self.model(&request.model_name, &request.model_version)?;
         let started = Instant::now();
-        let result = self.run_model(model, request).await;
+        let result = self.run_model(model, request, deadline).await;
         let stat = if result.is_ok() {
             Stat::Success
         } else {
@@ -154,6 +173,7 @@ impl InferenceService {
         &self,
         model: &ModelDescription,
         request: ModelInferRequest,
+        deadline: Option<Instant>,
     ) -> Result<ModelInferResponse, ServiceError> {
         // Draining workers still serve: only loading ones refuse.
         let executor = self
@@ -191,7 +211,7 @@ impl InferenceService {
         let mut decoded = decode_request(request, &model.signature, shared)?;
         let id = std::mem::take(&mut decoded.id);
         let wanted = std::mem::take(&mut decoded.outputs);
-        let outputs = executor.infer(decoded).await?;
+        let outputs = executor.infer(decoded, deadline).await?;
         if outputs.len() != model.signature.outputs.len() {
             return Err(ServiceError::Backend(BackendError::Failed(format!(
                 "the model returned {} outputs, its signature has {}",
@@ -208,6 +228,31 @@ impl InferenceService {
         }
         response(&model.name, id, &outputs, &wanted)
     }
+}
+
+/// Longest `grpc-timeout` echoed back in an error.
+const MAX_SHOWN_TIMEOUT: usize = 16;
+
+/// Parses gRPC's `grpc-timeout` header: at most 8 digits and a unit (`H`, `M`, `S`, `m`, `u`,
+/// `n`). tonic's own timeout layer is not in our axum router, so the worker reads it here.
+fn grpc_timeout(value: &MetadataValue<Ascii>) -> Result<Duration, ServiceError> {
+    let text = value.to_str().unwrap_or_default();
+    let invalid = || ServiceError::InvalidTimeout(text.chars().take(MAX_SHOWN_TIMEOUT).collect());
+    let split = text.len().checked_sub(1).ok_or_else(invalid)?;
+    let (digits, unit) = text.split_at(split);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid());
+    }
+    let amount: u64 = digits.parse().map_err(|_| invalid())?;
+    Ok(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return Err(invalid()),
+    })
 }
 
 /// The response carrying the `wanted` outputs, in that order. An output requested in shared
@@ -338,7 +383,8 @@ impl GrpcInferenceService for InferenceService {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        self.infer_measured(request.into_inner())
+        let timeout = request.metadata().get(GRPC_TIMEOUT).cloned();
+        self.infer_measured(request.into_inner(), timeout.as_ref())
             .await
             .map(Response::new)
     }
@@ -382,7 +428,8 @@ impl GrpcInferenceService for InferenceService {
                         id: request.id.clone(),
                         ..Default::default()
                     };
-                    let response = match service.infer_measured(request).await {
+                    // The stream's deadline bounds the stream, not each of its requests.
+                    let response = match service.infer_measured(request, None).await {
                         Ok(response) => ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),
@@ -470,5 +517,39 @@ impl GrpcInferenceService for InferenceService {
         let request = request.into_inner();
         self.shared_memory()?.unregister(&request.name).await;
         Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeout(text: &'static str) -> Result<Duration, ServiceError> {
+        grpc_timeout(&MetadataValue::from_static(text))
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(timeout("2H").unwrap(), Duration::from_secs(7200));
+        assert_eq!(timeout("3M").unwrap(), Duration::from_secs(180));
+        assert_eq!(timeout("1S").unwrap(), Duration::from_secs(1));
+        assert_eq!(timeout("250m").unwrap(), Duration::from_millis(250));
+        assert_eq!(
+            timeout("99999999u").unwrap(),
+            Duration::from_micros(99_999_999)
+        );
+        assert_eq!(timeout("7n").unwrap(), Duration::from_nanos(7));
+    }
+
+    #[test]
+    fn malformed_grpc_timeouts_are_invalid_arguments() {
+        for bad in ["", "S", "10", "123456789m", "-1S", "1s", "1.5S"] {
+            let error = timeout(bad).unwrap_err();
+            assert_eq!(
+                Status::from(error).code(),
+                tonic::Code::InvalidArgument,
+                "{bad}"
+            );
+        }
     }
 }

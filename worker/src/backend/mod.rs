@@ -124,13 +124,26 @@ impl ModelSource {
         }
     }
 
-    /// How the model looks to clients, before and after it loads.
+    /// What the model's configuration says about batching: Triton's `max_batch_size` (0: the
+    /// model has no batch dim) and, when it sets `dynamic_batching`, its max queue delay.
+    /// Built-ins have no batch dim: checksum's answer is one sum of a whole tensor.
+    pub fn batching(&self) -> (u32, Option<std::time::Duration>) {
+        match self {
+            ModelSource::Builtin(_) => (0, None),
+            #[cfg(feature = "torch")]
+            ModelSource::TorchScript(model) => (model.max_batch_size, model.dynamic_batching),
+        }
+    }
+
+    /// How the model looks to clients, before and after it loads; its dynamic batching is the
+    /// worker's to fill in.
     pub fn describe(&self, model_id: &str) -> ModelDescription {
         match self {
             ModelSource::Builtin(builtin) => ModelDescription {
                 name: model_id.to_owned(),
                 platform: "builtin".to_owned(),
                 max_batch_size: 0,
+                dynamic_batching: None,
                 signature: builtin.signature(),
             },
             #[cfg(feature = "torch")]
@@ -138,6 +151,7 @@ impl ModelSource {
                 name: model_id.to_owned(),
                 platform: torchscript::PLATFORM.to_owned(),
                 max_batch_size: model.max_batch_size,
+                dynamic_batching: None,
                 signature: model.signature.clone(),
             },
         }

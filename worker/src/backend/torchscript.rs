@@ -8,9 +8,12 @@
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
-use remotemedia_proto::inference::{DataType as ConfigDataType, ModelConfig};
+use remotemedia_proto::inference::{
+    DataType as ConfigDataType, ModelConfig, model_config::SchedulingChoice,
+};
 
 use super::SourceError;
 use crate::{
@@ -35,6 +38,8 @@ pub struct TorchScript {
     pub max_batch_size: u32,
     /// Full shapes, the batch dim included as -1.
     pub signature: ModelSignature,
+    /// Triton's `dynamic_batching`, when set: its `max_queue_delay_microseconds`.
+    pub dynamic_batching: Option<Duration>,
     /// Triton fields set in the configuration that the worker does not act on.
     pub ignored_fields: Vec<String>,
 }
@@ -70,6 +75,12 @@ impl TorchScript {
             name,
             max_batch_size,
             signature,
+            dynamic_batching: match &parsed.config.scheduling_choice {
+                Some(SchedulingChoice::DynamicBatching(batching)) => {
+                    Some(Duration::from_micros(batching.max_queue_delay_microseconds))
+                }
+                _ => None,
+            },
             ignored_fields: parsed.ignored_fields,
         })
     }
@@ -189,6 +200,7 @@ max_batch_size: 8
 input [ { name: "input" data_type: TYPE_FP32 dims: [ 16 ] } ]
 output [ { name: "output" data_type: TYPE_FP32 dims: [ 4 ] } ]
 instance_group [ { count: 1 kind: KIND_CPU } ]
+dynamic_batching { max_queue_delay_microseconds: 250 }
 "#;
 
     #[test]
@@ -203,6 +215,7 @@ instance_group [ { count: 1 kind: KIND_CPU } ]
         assert_eq!(model.signature.inputs[0].dims, Some(vec![-1, 16]));
         assert_eq!(model.signature.inputs[0].datatype, Some(DataType::Fp32));
         assert_eq!(model.signature.outputs[0].dims, Some(vec![-1, 4]));
+        assert_eq!(model.dynamic_batching, Some(Duration::from_micros(250)));
         assert_eq!(model.ignored_fields, ["instance_group"]);
     }
 
@@ -217,6 +230,7 @@ instance_group [ { count: 1 kind: KIND_CPU } ]
         let model = opened.unwrap();
         assert_eq!(model.name, "tok");
         assert_eq!(model.max_batch_size, 0);
+        assert_eq!(model.dynamic_batching, None);
         assert_eq!(model.signature.inputs[0].dims, Some(vec![-1, -1]));
         assert_eq!(model.signature.outputs[0].datatype, Some(DataType::Bf16));
     }

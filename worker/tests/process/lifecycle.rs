@@ -82,7 +82,15 @@ async fn sigterm_finishes_every_request_in_flight_and_exits_zero() {
     const IN_FLIGHT: usize = 32;
     let mut worker = Worker::start(
         "builtin://identity?infer_delay_ms=2000",
-        &["--drain-delay", "2s", "--drain-timeout", "20s"],
+        // One executor per request: all of them are in flight at SIGTERM.
+        &[
+            "--drain-delay",
+            "2s",
+            "--drain-timeout",
+            "20s",
+            "--instances",
+            &IN_FLIGHT.to_string(),
+        ],
     )
     .await;
     let client = worker.client().await;
