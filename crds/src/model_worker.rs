@@ -138,7 +138,8 @@ pub struct ModelWorkerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_memory_size: Option<Quantity>,
 
-    /// Labels a node must carry to run a worker pod, added to those the operator sets for GPUs.
+    /// Labels a node must carry to run a worker pod. GPUs are placed by the `nvidia.com/gpu`
+    /// limit alone: the operator adds no node labels of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<BTreeMap<String, String>>,
 
@@ -204,14 +205,16 @@ pub enum Device {
 #[schemars(transform = crate::unwrap_docs)]
 #[serde(rename_all = "camelCase")]
 pub struct Batching {
-    /// Most requests concatenated into one forward pass, from 1 (no batching) to 1024. Unset: the
-    /// worker's default (8).
+    /// Most requests concatenated into one forward pass, from 1 (no batching) to 1024, at most the
+    /// model's `max_batch_size`. Unset: the model's config.pbtxt decides (its `max_batch_size`
+    /// when it declares `dynamic_batching`, else no batching). Built-in models never batch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1024))]
     pub max_batch_size: Option<i32>,
 
     /// How long, in microseconds, the first queued request waits for others to join its batch,
-    /// from 0 to 1000000 (one second). Unset: the worker's default.
+    /// from 0 to 1000000 (one second). Unset: the model's config.pbtxt
+    /// (`max_queue_delay_microseconds`), else 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1_000_000))]
     pub batch_timeout_us: Option<i32>,

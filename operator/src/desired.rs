@@ -439,6 +439,14 @@ fn worker_args(valid: &Valid<'_>) -> Vec<String> {
     if let Some(max) = spec.max_concurrency {
         args.extend(["--max-concurrency".to_owned(), max.to_string()]);
     }
+    if let Some(batching) = &spec.batching {
+        if let Some(size) = batching.max_batch_size {
+            args.extend(["--max-batch-size".to_owned(), size.to_string()]);
+        }
+        if let Some(timeout) = batching.batch_timeout_us {
+            args.extend(["--batch-timeout-us".to_owned(), timeout.to_string()]);
+        }
+    }
     args
 }
 

@@ -177,6 +177,7 @@ fn the_pod_template_runs_the_worker_with_probes_mounts_and_drain() {
     let desired = build(json!({
         "image": "my/worker:2",
         "maxConcurrency": 64,
+        "batching": { "maxBatchSize": 16, "batchTimeoutUs": 500 },
         "sharedMemorySize": "2Gi",
         "nodeSelector": { "pool": "inference" },
         "priorityClassName": "high",
@@ -187,6 +188,8 @@ fn the_pod_template_runs_the_worker_with_probes_mounts_and_drain() {
     assert_eq!(container.image.as_deref(), Some("my/worker:2"));
     assert_eq!(arg_after(container, "--model-id"), Some("vad"));
     assert_eq!(arg_after(container, "--max-concurrency"), Some("64"));
+    assert_eq!(arg_after(container, "--max-batch-size"), Some("16"));
+    assert_eq!(arg_after(container, "--batch-timeout-us"), Some("500"));
     assert_eq!(arg_after(container, "--port"), Some("50051"));
     assert_eq!(arg_after(container, "--admin-port"), Some("9090"));
     // The grace period covers the worker's drain delay and timeout.
