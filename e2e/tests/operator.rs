@@ -676,7 +676,7 @@ async fn scaling_rollouts_hand_edits_and_deletion_behave_as_kubernetes_users_exp
             .as_ref()
             .and_then(|p| p.containers[0].image.clone());
         d.spec.replicas == Some(2)
-            && image.is_some_and(|i| i.starts_with("remotemedia/model-worker:"))
+            && image.is_some_and(|i| i.starts_with("remotemedia/remotemedia-model-worker:"))
     })
     .await?;
     let managers: Vec<String> = restored
