@@ -1,7 +1,8 @@
 //! The sidecar's `--discovery kubernetes` against the API server: a ModelWorker and the
 //! EndpointSlice of its Service, made by hand, become the endpoints the sidecar process lists on
 //! its admin port (`/debug/endpoints`); endpoints on its `--node-name` are colocated; an endpoint
-//! turned not serving or terminating leaves the list; deleting the ModelWorker empties it.
+//! turned not serving or terminating leaves the list; after an API-server restart, deleting the
+//! ModelWorker empties it.
 //!
 //! The slice's addresses are never connected to: the test reads what the sidecar would route to.
 
@@ -11,7 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use remotemedia_crds::ModelWorker;
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, install_crd, operator::Component, wait_until,
+    Error, Probe, TestNamespace, api, client, install_crd, operator::Component, repo, wait_until,
 };
 use serde_json::json;
 
@@ -144,6 +145,13 @@ async fn the_sidecar_lists_model_worker_endpoints_colocated_on_its_node_and_drop
         }
     }
 
+    // The API server restarts under the running sidecar (this file's only test, so no other test
+    // sees it): its watches come back and a change made afterwards still reaches the list.
+    let restart = std::process::Command::new(repo("e2e/cluster.sh"))
+        .arg("restart-apiserver")
+        .status()
+        .map_err(|e| Error::Process(format!("failed to run e2e/cluster.sh: {e}")))?;
+    assert!(restart.success(), "e2e/cluster.sh restart-apiserver failed");
     workers
         .delete("vad-worker", &DeleteParams::default())
         .await
