@@ -7,8 +7,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 # Compile first, so the cluster does not idle while cargo works and a build error fails fast. The
-# operator tests run the operator binary as a process: it lands beside the test executables.
-cargo build -p remotemedia-operator --locked
+# operator and discovery tests run the operator and sidecar binaries as processes: they land
+# beside the test executables.
+cargo build -p remotemedia-operator -p remotemedia-sidecar --locked
 cargo test -p remotemedia-e2e --locked --test '*' --no-run
 e2e/cluster.sh up
 # Interrupted or failed in between: still tear down.

@@ -1,5 +1,6 @@
-//! `remotemedia-operator` as a process of its own, the way a cluster runs it: its binary, flags,
-//! admin port and log file. The tier's compile step builds it (`e2e/test.sh`).
+//! `remotemedia-operator` and `remotemedia-sidecar` as processes of their own, the way a cluster
+//! runs them: their binaries, flags, admin port and log file. The tier's compile step builds them
+//! (`e2e/test.sh`).
 
 use std::{
     io::{Read, Write},
@@ -11,17 +12,18 @@ use std::{
 
 use crate::Error;
 
-/// A running operator; killed when dropped.
-pub struct Operator {
+/// A running operator or sidecar; killed when dropped.
+pub struct Component {
     child: Child,
     pub admin_port: u16,
     pub log: PathBuf,
 }
 
-/// The binary: `REMOTEMEDIA_OPERATOR_BIN`, else beside the test executables' folder
-/// (`target/<profile>/deps/..`), where `cargo build -p remotemedia-operator` puts it.
-fn binary() -> Result<PathBuf, Error> {
-    if let Some(path) = std::env::var_os("REMOTEMEDIA_OPERATOR_BIN") {
+/// The binary `program`: `<PROGRAM>_BIN` (`REMOTEMEDIA_OPERATOR_BIN`), else beside the test
+/// executables' folder (`target/<profile>/deps/..`), where `cargo build -p <program>` puts it.
+fn binary(program: &str) -> Result<PathBuf, Error> {
+    let variable = format!("{}_BIN", program.to_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&variable) {
         return Ok(path.into());
     }
     let exe = std::env::current_exe()
@@ -29,12 +31,12 @@ fn binary() -> Result<PathBuf, Error> {
     let path = exe
         .parent()
         .and_then(|deps| deps.parent())
-        .map(|profile| profile.join("remotemedia-operator"))
+        .map(|profile| profile.join(program))
         .filter(|path| path.exists())
         .ok_or_else(|| {
-            Error::Process(
-                "failed to find remotemedia-operator beside the tests: run `cargo build -p remotemedia-operator` or set REMOTEMEDIA_OPERATOR_BIN".to_owned(),
-            )
+            Error::Process(format!(
+                "failed to find {program} beside the tests: run `cargo build -p {program}` or set {variable}"
+            ))
         })?;
     Ok(path)
 }
@@ -47,19 +49,35 @@ fn free_port() -> Result<u16, Error> {
         .map_err(|e| Error::Process(format!("failed to find a free port: {e}")))
 }
 
-impl Operator {
+impl Component {
     /// Starts the operator with `args` (plus `--admin-port`), logging to
     /// `$REMOTEMEDIA_E2E_LOGS/operator-<name>.log` (the temporary folder without it).
     pub fn start(name: &str, args: &[&str]) -> Result<Self, Error> {
         Self::start_with_env(name, args, &[])
     }
 
-    /// [`Operator::start`] with extra environment variables, such as another `KUBECONFIG`.
+    /// [`Component::start`] with extra environment variables, such as another `KUBECONFIG`.
     pub fn start_with_env(name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Self, Error> {
+        Self::spawn("remotemedia-operator", "operator", name, args, env)
+    }
+
+    /// Starts the sidecar with `args` (plus `--admin-port`), logging to
+    /// `$REMOTEMEDIA_E2E_LOGS/sidecar-<name>.log`.
+    pub fn start_sidecar(name: &str, args: &[&str]) -> Result<Self, Error> {
+        Self::spawn("remotemedia-sidecar", "sidecar", name, args, &[])
+    }
+
+    fn spawn(
+        program: &str,
+        role: &str,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, Error> {
         let admin_port = free_port()?;
         let dir =
             std::env::var_os("REMOTEMEDIA_E2E_LOGS").map_or_else(std::env::temp_dir, PathBuf::from);
-        let log = dir.join(format!("operator-{name}.log"));
+        let log = dir.join(format!("{role}-{name}.log"));
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -68,7 +86,7 @@ impl Operator {
         let stderr = file
             .try_clone()
             .map_err(|e| Error::Process(format!("failed to open {}: {e}", log.display())))?;
-        let child = Command::new(binary()?)
+        let child = Command::new(binary(program)?)
             .args(args)
             .args(["--admin-port", &admin_port.to_string()])
             .env("RUST_LOG", "info,kube=warn")
@@ -78,8 +96,8 @@ impl Operator {
             .stdout(file)
             .stderr(stderr)
             .spawn()
-            .map_err(|e| Error::Process(format!("failed to start remotemedia-operator: {e}")))?;
-        eprintln!("operator {name}: pid {}, log {}", child.id(), log.display());
+            .map_err(|e| Error::Process(format!("failed to start {program}: {e}")))?;
+        eprintln!("{role} {name}: pid {}, log {}", child.id(), log.display());
         Ok(Self {
             child,
             admin_port,
@@ -137,7 +155,7 @@ impl Operator {
     }
 }
 
-impl Drop for Operator {
+impl Drop for Component {
     fn drop(&mut self) {
         self.kill();
     }

@@ -21,7 +21,7 @@ use kube::{
 };
 use remotemedia_crds::ModelWorker;
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, install_crd, kubectl_ok, operator::Operator, repo,
+    Error, Probe, TestNamespace, api, client, install_crd, kubectl_ok, operator::Component, repo,
     wait_until,
 };
 use serde_json::{Value, json};
@@ -49,8 +49,8 @@ fn model_worker(name: &str, patch: Value) -> ModelWorker {
 }
 
 /// An operator that watches only `ns`, without leader election.
-fn operator_for(ns: &TestNamespace) -> Result<Operator, Error> {
-    Operator::start(
+fn operator_for(ns: &TestNamespace) -> Result<Component, Error> {
+    Component::start(
         &ns.name,
         &["--leader-election=false", "--watch-namespace", &ns.name],
     )
@@ -732,7 +732,7 @@ async fn a_standby_operator_writes_nothing_and_takes_over_when_the_leader_dies()
         "--lease-name",
         "operator",
     ];
-    let mut leader = Operator::start(&format!("{}-a", ns.name), &args)?;
+    let mut leader = Component::start(&format!("{}-a", ns.name), &args)?;
     let leader_ref = &leader;
     wait_until("the first operator to lead", SETTLE, || async move {
         Ok(match leader_ref.metric("remotemedia_operator_leader") {
@@ -741,7 +741,7 @@ async fn a_standby_operator_writes_nothing_and_takes_over_when_the_leader_dies()
         })
     })
     .await?;
-    let standby = Operator::start(&format!("{}-b", ns.name), &args)?;
+    let standby = Component::start(&format!("{}-b", ns.name), &args)?;
     let standby_ref = &standby;
     wait_until("the standby's admin port", SETTLE, || async move {
         Ok(match standby_ref.get("/readyz") {
@@ -827,7 +827,7 @@ async fn a_standby_operator_writes_nothing_and_takes_over_when_the_leader_dies()
     wait_ready(&workers, "second", 1).await?;
 
     // SIGTERM hands the Lease back: a third operator leads at once, not a lease duration later.
-    let third = Operator::start(&format!("{}-c", ns.name), &args)?;
+    let third = Component::start(&format!("{}-c", ns.name), &args)?;
     let third_ref = &third;
     wait_until("the third operator's admin port", SETTLE, || async move {
         Ok(match third_ref.get("/readyz") {
@@ -978,7 +978,7 @@ async fn the_documented_rbac_rules_are_all_the_operator_needs() -> Result<(), Er
     let kubeconfig = std::env::temp_dir().join(format!("{}.kubeconfig", ns.name));
     token_kubeconfig(&token, &kubeconfig);
     let kubeconfig_path = kubeconfig.to_string_lossy().into_owned();
-    let operator = Operator::start_with_env(
+    let operator = Component::start_with_env(
         &ns.name,
         &["--watch-namespace", &ns.name, "--lease-namespace", &ns.name],
         &[("KUBECONFIG", &kubeconfig_path)],

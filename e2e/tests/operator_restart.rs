@@ -8,7 +8,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Patch, PatchParams, PostParams};
 use remotemedia_crds::ModelWorker;
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, install_crd, operator::Operator, repo, wait_until,
+    Error, Probe, TestNamespace, api, client, install_crd, operator::Component, repo, wait_until,
 };
 use serde_json::json;
 
@@ -80,7 +80,7 @@ async fn reconciliation_resumes_after_operator_and_api_server_restarts() -> Resu
     let client = client().await?;
     let ns = TestNamespace::create(&client, "op-restart").await?;
     let args = ["--leader-election=false", "--watch-namespace", &ns.name];
-    let mut operator = Operator::start(&ns.name, &args)?;
+    let mut operator = Component::start(&ns.name, &args)?;
     let workers = ns.api::<ModelWorker>();
     let worker: ModelWorker = serde_json::from_value(json!({
         "apiVersion": "remotemedia.io/v1alpha1",
@@ -98,7 +98,7 @@ async fn reconciliation_resumes_after_operator_and_api_server_restarts() -> Resu
     // Killed: a change made meanwhile is picked up by the next process.
     operator.kill();
     set_replicas(&workers, 2).await?;
-    let operator = Operator::start(&ns.name, &args)?;
+    let operator = Component::start(&ns.name, &args)?;
     reconciled(&ns, 2, true).await?;
 
     // The API server restarts under the running operator; its watches come back and a change

@@ -372,7 +372,7 @@ fn pod_spec(valid: &Valid<'_>, defaults: &WorkerDefaults) -> PodSpec {
         containers: vec![Container {
             name: CONTAINER.into(),
             image: Some(image),
-            args: Some(worker_args(valid)),
+            args: Some(worker_args(valid, &defaults.socket_dir)),
             ports: Some(vec![
                 container_port(GRPC_PORT_NAME, GRPC_PORT),
                 container_port(ADMIN_PORT_NAME, ADMIN_PORT),
@@ -413,8 +413,9 @@ fn pod_spec(valid: &Valid<'_>, defaults: &WorkerDefaults) -> PodSpec {
     }
 }
 
-/// The worker's flags (worker/src/config.rs): only flags the worker has.
-fn worker_args(valid: &Valid<'_>) -> Vec<String> {
+/// The worker's flags (worker/src/config.rs): only flags the worker has. `--broker` is the
+/// mounted node socket directory, so the node sidecar's grants are redeemed and read in place.
+fn worker_args(valid: &Valid<'_>, socket_dir: &str) -> Vec<String> {
     let spec = &valid.worker.spec;
     let mut args = vec![
         "--model-id".to_owned(),
@@ -435,6 +436,8 @@ fn worker_args(valid: &Valid<'_>) -> Vec<String> {
         format!("{DRAIN_DELAY_S}s"),
         "--drain-timeout".to_owned(),
         format!("{DRAIN_TIMEOUT_S}s"),
+        "--broker".to_owned(),
+        socket_dir.to_owned(),
     ];
     if let Some(max) = spec.max_concurrency {
         args.extend(["--max-concurrency".to_owned(), max.to_string()]);

@@ -32,6 +32,9 @@ pub mod defaults {
 pub enum DiscoveryKind {
     /// A YAML file of `{model, address, node}` entries (`--workers`), re-read when it changes.
     Static,
+    /// The EndpointSlices of ModelWorker Services and the ModelWorker objects, watched with the
+    /// pod's service account (or the kubeconfig outside a cluster).
+    Kubernetes,
 }
 
 /// The node agent: brokers shared-memory regions for the pods on this node.
@@ -41,7 +44,8 @@ pub struct Args {
     /// Directory holding `broker.sock` (shared with pods by a hostPath mount).
     #[arg(long, env = "REMOTEMEDIA_SIDECAR_SOCKET_DIR", default_value = defaults::SOCKET_DIR)]
     pub socket_dir: PathBuf,
-    /// Port of `/healthz`, `/readyz`, `/metrics` and `/debug/sessions` (0: any free port).
+    /// Port of `/healthz`, `/readyz`, `/metrics`, `/debug/sessions` and `/debug/endpoints` (0: any
+    /// free port).
     #[arg(long, env = "REMOTEMEDIA_SIDECAR_ADMIN_PORT", default_value_t = defaults::ADMIN_PORT)]
     pub admin_port: u16,
     /// Address the admin port binds to.
@@ -73,7 +77,8 @@ pub struct Args {
     /// Address the TCP inference port binds to.
     #[arg(long, env = "REMOTEMEDIA_SIDECAR_LISTEN_ADDRESS", default_value_t = defaults::LISTEN_ADDRESS)]
     pub listen_address: IpAddr,
-    /// Where workers are found: `static` (needs `--workers`). Without it no model has a worker.
+    /// Where workers are found: `static` (needs `--workers`) or `kubernetes`. Without it no model
+    /// has a worker.
     #[arg(long, env = "REMOTEMEDIA_SIDECAR_DISCOVERY", value_enum)]
     pub discovery: Option<DiscoveryKind>,
     /// The static discovery file: a YAML list of `{model, address, node}`.
@@ -105,6 +110,17 @@ pub struct Args {
     pub max_message_bytes: usize,
 }
 
+/// Where the router's endpoints come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DiscoverySource {
+    /// No model has a worker.
+    None,
+    /// `--discovery static --workers FILE`.
+    Static(PathBuf),
+    /// `--discovery kubernetes`.
+    Kubernetes,
+}
+
 /// A validated configuration; `run` takes it apart field by field.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -114,8 +130,8 @@ pub struct Config {
     pub limits: Limits,
     /// The TCP inference listener, when enabled.
     pub tcp: Option<std::net::SocketAddr>,
-    /// The static discovery file, when discovery is static.
-    pub workers: Option<PathBuf>,
+    /// Where workers are found.
+    pub discovery: DiscoverySource,
     pub allow_named_shm: bool,
     pub router: RouterConfig,
 }
@@ -174,11 +190,12 @@ impl Args {
         if !socket_dir.is_absolute() {
             return Err(ConfigError::RelativeSocketDir(socket_dir));
         }
-        let workers = match (discovery, workers) {
-            (Some(DiscoveryKind::Static), Some(path)) => Some(path),
+        let discovery = match (discovery, workers) {
+            (Some(DiscoveryKind::Static), Some(path)) => DiscoverySource::Static(path),
             (Some(DiscoveryKind::Static), None) => return Err(ConfigError::MissingWorkersFile),
-            (None, Some(_)) => return Err(ConfigError::WorkersWithoutDiscovery),
-            (None, None) => None,
+            (_, Some(_)) => return Err(ConfigError::WorkersWithoutDiscovery),
+            (Some(DiscoveryKind::Kubernetes), None) => DiscoverySource::Kubernetes,
+            (None, None) => DiscoverySource::None,
         };
         if node_name.as_deref() == Some("") {
             return Err(ConfigError::EmptyNodeName);
@@ -196,7 +213,7 @@ impl Args {
                 max_regions_per_session,
             },
             tcp: port.map(|port| std::net::SocketAddr::new(listen_address, port)),
-            workers,
+            discovery,
             allow_named_shm,
             router: RouterConfig {
                 node_name,
@@ -251,7 +268,7 @@ mod tests {
     }
 
     #[test]
-    fn static_discovery_needs_its_file_and_the_file_needs_static_discovery() {
+    fn static_discovery_needs_its_file_and_kubernetes_discovery_takes_none() {
         assert!(matches!(
             parse(&["--discovery", "static"]),
             Err(ConfigError::MissingWorkersFile)
@@ -261,7 +278,16 @@ mod tests {
             Err(ConfigError::WorkersWithoutDiscovery)
         ));
         let config = parse(&["--discovery", "static", "--workers", "/w.yaml"]).unwrap();
-        assert_eq!(config.workers, Some(PathBuf::from("/w.yaml")));
+        assert_eq!(
+            config.discovery,
+            DiscoverySource::Static(PathBuf::from("/w.yaml"))
+        );
+        assert!(matches!(
+            parse(&["--discovery", "kubernetes", "--workers", "/w.yaml"]),
+            Err(ConfigError::WorkersWithoutDiscovery)
+        ));
+        let config = parse(&["--discovery", "kubernetes"]).unwrap();
+        assert_eq!(config.discovery, DiscoverySource::Kubernetes);
         assert!(matches!(
             parse(&["--max-held", "0"]),
             Err(ConfigError::Zero { flag: "--max-held" })

@@ -15,11 +15,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-pub use config::{Args, Config, ConfigError};
+pub use config::{Args, Config, ConfigError, DiscoverySource};
 use remotemedia_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use remotemedia_runtime_core::shm::broker::{BROKER_SOCKET, socket};
 
 use router::connection::{ConnectionId, Tracked};
+use router::discovery::kubernetes::Kubernetes;
 use router::named::NamedRegistry;
 use router::{Discovery, RouterService, StaticFile, Transport};
 
@@ -55,6 +56,8 @@ pub enum SidecarError {
     },
     #[error("failed to serve")]
     Serve(#[source] io::Error),
+    #[error("failed to configure the Kubernetes client (in-cluster or kubeconfig)")]
+    KubeClient(#[source] kube::Error),
 }
 
 /// Binds everything, then serves until SIGTERM or SIGINT.
@@ -65,10 +68,21 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
         admin_port,
         limits,
         tcp,
-        workers,
+        discovery,
         allow_named_shm,
         router: router_config,
     } = config;
+    // Discovery first: a sidecar without Kubernetes credentials fails at start, not later.
+    let endpoints = match discovery {
+        DiscoverySource::Static(path) => Box::new(StaticFile { path }).watch(),
+        DiscoverySource::Kubernetes => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(SidecarError::KubeClient)?;
+            Box::new(Kubernetes { client }).watch()
+        }
+        DiscoverySource::None => tokio::sync::watch::channel(Arc::new(Vec::new())).1,
+    };
     raise_descriptor_limit();
     let broker_path = socket_dir.join(BROKER_SOCKET);
     let listener = bind_broker(&socket_dir, &broker_path)?;
@@ -99,10 +113,6 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
 
     let books = Arc::new(broker::Books::new(limits));
     let metrics = Arc::new(metrics::Metrics::new());
-    let endpoints = match workers {
-        Some(path) => Box::new(StaticFile { path }).watch(),
-        None => tokio::sync::watch::channel(Arc::new(Vec::new())).1,
-    };
     let max_message_bytes = router_config.max_message_bytes;
     let router = router::Router::new(router_config, endpoints, metrics.held());
     let named = Arc::new(NamedRegistry::new(allow_named_shm));
@@ -137,7 +147,11 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
     };
     let broker = tokio::spawn(broker::serve(listener, books.clone(), metrics.clone()));
     let admin = tokio::spawn(async move {
-        axum::serve(admin, admin::router(books, metrics).into_make_service()).await
+        axum::serve(
+            admin,
+            admin::router(books, metrics, router).into_make_service(),
+        )
+        .await
     });
     tokio::select! {
         result = broker => flatten(result)?,

@@ -214,6 +214,8 @@ fn the_pod_template_runs_the_worker_with_probes_mounts_and_drain() {
     let volumes = pod.volumes.as_ref().unwrap();
     let sockets = volumes.iter().find(|v| v.name == "sockets").unwrap();
     assert_eq!(sockets.host_path.as_ref().unwrap().path, "/run/remotemedia");
+    // The worker joins the node broker through the socket directory it mounts.
+    assert_eq!(arg_after(container, "--broker"), Some("/run/remotemedia"));
     let dshm = volumes.iter().find(|v| v.name == "dshm").unwrap();
     let empty_dir = dshm.empty_dir.as_ref().unwrap();
     assert_eq!(empty_dir.medium.as_deref(), Some("Memory"));

@@ -1,6 +1,8 @@
 //! Where each model's workers are: a [`Discovery`] keeps a watch channel of [`EndpointSpec`]s
 //! current. `static` reads a YAML file and re-reads it when its modification time changes;
-//! Kubernetes discovery (EndpointSlices) implements the same trait.
+//! [`kubernetes`] watches EndpointSlices and ModelWorkers through the API server.
+
+pub mod kubernetes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

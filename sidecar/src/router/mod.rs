@@ -143,6 +143,16 @@ impl Router {
         &self.config
     }
 
+    /// The endpoints discovery lists now.
+    pub fn endpoints(&self) -> Arc<Vec<EndpointSpec>> {
+        self.endpoints.borrow().clone()
+    }
+
+    /// Whether `spec` runs on this sidecar's node: its regions are granted in place.
+    pub fn colocated(&self, spec: &EndpointSpec) -> bool {
+        self.config.node_name.as_deref() == Some(spec.node.as_str())
+    }
+
     /// Requests waiting for an endpoint now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
@@ -160,7 +170,7 @@ impl Router {
 
     fn worker(&self, spec: &EndpointSpec) -> Arc<Worker> {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        let colocated = self.config.node_name.as_deref() == Some(spec.node.as_str());
+        let colocated = self.colocated(spec);
         if let Some(worker) = workers.get(&spec.address)
             && worker.colocated == colocated
         {
