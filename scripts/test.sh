@@ -45,10 +45,14 @@ run_tier() {
   fi
 }
 
+# The quickstart programs are their own Cargo project (a user's, outside the workspace).
+quickstart=(--manifest-path examples/quickstart/Cargo.toml)
 echo "=== format check"
 cargo fmt --all -- --check
+cargo fmt "${quickstart[@]}" -- --check
 echo "=== clippy"
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
+cargo clippy "${quickstart[@]}" --all-targets --locked -- -D warnings
 # The worker without libtorch, as a plain `cargo build` makes it.
 cargo clippy -p remotemedia-model-worker --all-targets --locked -- -D warnings
 echo "=== generated files"
@@ -60,14 +64,17 @@ echo "=== Dockerfiles"
 images/lint.sh
 
 run_tier unit cargo test --workspace --locked "${features[@]}" --lib --bins
-# Examples are programs written against the crates' public API only; each asserts what it shows.
-echo "=== examples"
-cargo run --locked -q -p remotemedia-runtime-core --example model_registry
+# The quickstart programs, written against the crates' public API only: their harness
+# (examples/quickstart/tests) runs each, the client against a real worker process it starts.
+cargo build --locked -p remotemedia-model-worker "${features[@]}"
+run_tier examples cargo test "${quickstart[@]}" --locked
 # Integration tests are the `tests/*.rs` (or `tests/*/main.rs`) targets of the workspace's
 # crates but the e2e crate's: real processes.
 if compgen -G "*/tests/*.rs" | grep -qv '^e2e/' || compgen -G "*/tests/*/main.rs" >/dev/null; then
-  # Some start the crates' examples as the other process; `--test '*'` alone does not build them.
+  # Some start the crates' examples or the quickstart programs as the other process; `--test
+  # '*'` alone does not build them.
   cargo build --workspace --locked "${features[@]}" --examples
+  cargo build "${quickstart[@]}" --locked
   run_tier integration cargo test --workspace --exclude remotemedia-e2e --locked "${features[@]}" --test '*'
 fi
 # Python clients people already use (tritonclient) against the worker binary built here, and the

@@ -6,6 +6,9 @@
 //!   the `SharedMemoryAllocator` with quotas and cleanup. With `REMOTEMEDIA_SIDECAR` set, regions
 //!   come from the node broker (`shm::broker`) instead of POSIX shared memory by name; the API
 //!   is the same.
+//! - `client` (feature `client`): `ModelWorkerClient` (re-exported from `model_worker`), calls
+//!   a model worker or the node sidecar, sending shared-memory tensors by reference where the
+//!   server can reach them.
 //!
 //! The crate depends on no Kubernetes client, no gRPC server and no libtorch.
 //!
@@ -24,8 +27,18 @@
 //! # }
 //! ```
 
+#[cfg(feature = "client")]
+pub mod client;
 #[cfg(feature = "model-registry")]
 pub mod model_registry;
+/// The model-worker client under the name the quickstart uses.
+#[cfg(feature = "client")]
+pub mod model_worker {
+    pub use crate::client::{
+        ClientConfig, ClientError, InferOptions, InferOutputs, InferStream, IntoTensor,
+        ModelStatus, ModelWorkerClient, OutputRequest, StreamResponse,
+    };
+}
 #[cfg(feature = "shared-memory")]
 pub mod shm;
 #[cfg(feature = "shared-memory")]

@@ -1,6 +1,7 @@
-//! Two real processes share tensors by region id. The other process is one of the crate's
-//! examples (`quickstart_producer`, `quickstart_consumer`, `shm_peer`); `scripts/test.sh` builds
-//! them before this tier runs (`cargo test` without a target filter builds them too).
+//! Two real processes share tensors by region id. The other process is the crate's example
+//! `shm_peer` or one of the quickstart programs (`examples/quickstart`: `quickstart-producer`,
+//! `quickstart-consumer`, built into the same target directory); `scripts/test.sh` builds both
+//! before this tier runs.
 
 #[path = "support/built.rs"]
 mod support;
@@ -27,8 +28,8 @@ struct Peer {
 }
 
 impl Peer {
-    fn spawn(name: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(built(&format!("examples/{name}")))
+    fn spawn(program: &str, args: &[&str]) -> Self {
+        let mut child = Command::new(built(program))
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -104,7 +105,7 @@ fn bytes_read(pid: u32) -> u64 {
 
 #[test]
 fn quickstart_consumer_sees_the_producers_mebibyte_and_refuses_an_out_of_range_slice() {
-    let mut producer = Peer::spawn("quickstart_producer", &[]);
+    let mut producer = Peer::spawn("quickstart-producer", &[]);
     let announced = producer.line();
     let (region, checksum) = announced
         .strip_prefix("region=")
@@ -112,7 +113,7 @@ fn quickstart_consumer_sees_the_producers_mebibyte_and_refuses_an_out_of_range_s
         .unwrap_or_else(|| panic!("unexpected producer output {announced:?}"));
     assert!(region_exists(region));
 
-    let output = Command::new(built("examples/quickstart_consumer"))
+    let output = Command::new(built("quickstart-consumer"))
         .arg(region)
         .output()
         .expect("run consumer");
@@ -141,7 +142,7 @@ fn quickstart_consumer_sees_the_producers_mebibyte_and_refuses_an_out_of_range_s
 
 #[test]
 fn a_write_in_either_process_is_seen_by_the_other() {
-    let mut peer = Peer::spawn("shm_peer", &["create", "65536"]);
+    let mut peer = Peer::spawn("examples/shm_peer", &["create", "65536"]);
     let announced = peer.line();
     let region = announced
         .strip_prefix("region ")
@@ -161,7 +162,7 @@ fn a_write_in_either_process_is_seen_by_the_other() {
 
 #[test]
 fn a_producer_killed_with_sigkill_leaves_no_region_after_cleanup() {
-    let mut peer = Peer::spawn("shm_peer", &["create", "1048576"]);
+    let mut peer = Peer::spawn("examples/shm_peer", &["create", "1048576"]);
     let announced = peer.line();
     let region = announced
         .strip_prefix("region ")
@@ -194,7 +195,7 @@ fn a_consumer_reads_64_mib_in_place_without_copying_it() {
     tensor.as_mut_slice().fill(1);
     let region = tensor.storage().region_id().unwrap();
 
-    let mut peer = Peer::spawn("shm_peer", &["open", &region, &SIZE.to_string()]);
+    let mut peer = Peer::spawn("examples/shm_peer", &["open", &region, &SIZE.to_string()]);
     assert_eq!(peer.line(), "opened");
     let pid = peer.pid();
     let (anon, shmem, peak, read) = (

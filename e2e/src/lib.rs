@@ -6,7 +6,10 @@
 
 use std::{future::Future, time::Duration};
 
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::{
+    api::core::v1::{Namespace, ServiceAccount},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
 use kube::{
     Api, Client, Config,
     api::{DeleteParams, PostParams},
@@ -142,6 +145,33 @@ where
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     }
+}
+
+/// Waits until the API server serves the CRD `name` (its `Established` condition is true).
+/// Polled through the API: `kubectl wait --for=condition=Established` fails at once when no
+/// condition has been written yet, which happens under load.
+pub async fn wait_for_crd_established(client: &Client, name: &str) -> Result<(), Error> {
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    wait_until(
+        &format!("CRD {name} Established"),
+        Duration::from_secs(60),
+        || async {
+            let crd = crds.get(name).await.map_err(api("get the CRD"))?;
+            let conditions = crd
+                .status
+                .and_then(|status| status.conditions)
+                .unwrap_or_default();
+            let established = conditions
+                .iter()
+                .any(|condition| condition.type_ == "Established" && condition.status == "True");
+            Ok(if established {
+                Probe::Done(())
+            } else {
+                Probe::Waiting(format!("conditions: {conditions:?}"))
+            })
+        },
+    )
+    .await
 }
 
 /// A namespace of one test. [`TestNamespace::delete`] ends a passing test; a test that fails

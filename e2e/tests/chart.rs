@@ -15,7 +15,9 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::Api;
-use remotemedia_e2e::{Error, Probe, TestNamespace, api, client, repo, run, wait_until};
+use remotemedia_e2e::{
+    Error, Probe, TestNamespace, api, client, repo, run, wait_for_crd_established, wait_until,
+};
 use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(90);
@@ -643,12 +645,7 @@ async fn install_upgrade_uninstall_keep_the_crd_and_a_reinstall_adopts_it() -> R
         &ns.name,
         "--take-ownership",
     ]);
-    kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        &format!("crd/{CRD}"),
-    ]);
+    wait_for_crd_established(&client, CRD).await?;
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
     let installed = crds.get(CRD).await.map_err(api("get the CRD"))?;
     let annotations = installed.metadata.annotations.clone().unwrap_or_default();

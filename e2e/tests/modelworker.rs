@@ -6,9 +6,11 @@
 use std::time::Duration;
 
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use kube::{CustomResourceExt, api::PostParams};
+use kube::{Client, CustomResourceExt, api::PostParams};
 use remotemedia_crds::{CATEGORY, Device, ModelWorker, SHORT_NAME};
-use remotemedia_e2e::{Error, Probe, Run, TestNamespace, api, client, repo, run, wait_until};
+use remotemedia_e2e::{
+    Error, Probe, Run, TestNamespace, api, client, repo, run, wait_for_crd_established, wait_until,
+};
 use serde_json::{Value, json};
 
 const SETTLE: Duration = Duration::from_secs(60);
@@ -27,15 +29,10 @@ fn kubectl_ok(args: &[&str]) -> String {
 
 /// Installs the committed CRD as users do and waits until the API server serves it. Every test
 /// calls it: tests run in any order, and a repeated server-side apply changes nothing.
-fn install_crd() {
+async fn install_crd(client: &Client) -> Result<(), Error> {
     let crd = repo("crds/modelworker.yaml");
     kubectl_ok(&["apply", "--server-side", "-f", &crd]);
-    kubectl_ok(&[
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd/modelworkers.remotemedia.io",
-    ]);
+    wait_for_crd_established(client, "modelworkers.remotemedia.io").await
 }
 
 /// A ModelWorker named `name` with a valid CPU spec, `patch`'s keys replacing the spec's.
@@ -55,8 +52,8 @@ fn model_worker(name: &str, patch: Value) -> Value {
 
 #[tokio::test]
 async fn crd_installs_with_server_side_apply_and_examples_apply() -> Result<(), Error> {
-    install_crd();
     let client = client().await?;
+    install_crd(&client).await?;
     let ns = TestNamespace::create(&client, "mw-examples").await?;
     for example in ["examples/modelworker.yaml", "examples/modelworker-gpu.yaml"] {
         let path = repo(example);
@@ -107,8 +104,8 @@ async fn crd_installs_with_server_side_apply_and_examples_apply() -> Result<(), 
 
 #[tokio::test]
 async fn invalid_model_workers_are_refused_with_a_message_naming_the_field() -> Result<(), Error> {
-    install_crd();
     let client = client().await?;
+    install_crd(&client).await?;
     let ns = TestNamespace::create(&client, "mw-invalid").await?;
     let long_id = "a".repeat(64);
     let long_uri = format!("file:///{}", "m".repeat(1024));
@@ -269,7 +266,7 @@ fn words(text: &str) -> String {
 
 #[tokio::test]
 async fn kubectl_explain_prints_the_docs_of_the_rust_types() -> Result<(), Error> {
-    install_crd();
+    install_crd(&client().await?).await?;
     let crd = serde_json::to_value(ModelWorker::crd()).expect("a CRD is JSON");
     let batching = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
         ["batching"];
@@ -303,8 +300,8 @@ async fn kubectl_explain_prints_the_docs_of_the_rust_types() -> Result<(), Error
 
 #[tokio::test]
 async fn kubectl_scale_sets_spec_replicas_through_the_scale_subresource() -> Result<(), Error> {
-    install_crd();
     let client = client().await?;
+    install_crd(&client).await?;
     let ns = TestNamespace::create(&client, "mw-scale").await?;
     let worker: ModelWorker = serde_json::from_value(model_worker("x", json!({}))).expect("valid");
     let workers = ns.api::<ModelWorker>();
@@ -321,8 +318,8 @@ async fn kubectl_scale_sets_spec_replicas_through_the_scale_subresource() -> Res
 
 #[tokio::test]
 async fn hpa_targeting_a_model_worker_is_able_to_scale() -> Result<(), Error> {
-    install_crd();
     let client = client().await?;
+    install_crd(&client).await?;
     let ns = TestNamespace::create(&client, "mw-hpa").await?;
     let worker: ModelWorker = serde_json::from_value(model_worker("x", json!({}))).expect("valid");
     ns.api::<ModelWorker>()

@@ -90,10 +90,10 @@ const BOOL: u8 = 6;
 
 fn to_dl_dtype(dtype: DataType) -> DLDataType {
     let code = match dtype {
-        DataType::F32 | DataType::F16 => FLOAT,
+        DataType::F64 | DataType::F32 | DataType::F16 => FLOAT,
         DataType::BF16 => BFLOAT,
         DataType::I8 | DataType::I16 | DataType::I32 | DataType::I64 => INT,
-        DataType::U8 => UINT,
+        DataType::U8 | DataType::U16 | DataType::U32 | DataType::U64 => UINT,
         DataType::Bool => BOOL,
     };
     DLDataType {
@@ -382,10 +382,12 @@ impl ForeignTensor {
         }
         let dtype = from_dl_dtype(tensor.dtype).ok_or_else(|| {
             let DLDataType { code, bits, lanes } = tensor.dtype;
+            let supported: Vec<String> = DataType::ALL.iter().map(ToString::to_string).collect();
             errors::raise(
                 Kind::Tensor,
                 format!(
-                    "failed to import tensor: unsupported dtype (DLPack code {code}, {bits} bits, {lanes} lanes); supported: f32, f16, bf16, i8, i16, i32, i64, u8, bool"
+                    "failed to import tensor: unsupported dtype (DLPack code {code}, {bits} bits, {lanes} lanes); supported: {}",
+                    supported.join(", ")
                 ),
             )
         })?;

@@ -28,6 +28,7 @@ use crate::registry::seconds;
 )]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum DataType {
+    F64,
     F32,
     F16,
     BF16,
@@ -36,6 +37,9 @@ pub(crate) enum DataType {
     I32,
     I64,
     U8,
+    U16,
+    U32,
+    U64,
     #[pyo3(name = "BOOL")]
     Bool,
 }
@@ -43,6 +47,7 @@ pub(crate) enum DataType {
 impl From<DataType> for core::DataType {
     fn from(dtype: DataType) -> Self {
         match dtype {
+            DataType::F64 => Self::F64,
             DataType::F32 => Self::F32,
             DataType::F16 => Self::F16,
             DataType::BF16 => Self::BF16,
@@ -51,6 +56,9 @@ impl From<DataType> for core::DataType {
             DataType::I32 => Self::I32,
             DataType::I64 => Self::I64,
             DataType::U8 => Self::U8,
+            DataType::U16 => Self::U16,
+            DataType::U32 => Self::U32,
+            DataType::U64 => Self::U64,
             DataType::Bool => Self::Bool,
         }
     }
@@ -59,6 +67,7 @@ impl From<DataType> for core::DataType {
 impl From<core::DataType> for DataType {
     fn from(dtype: core::DataType) -> Self {
         match dtype {
+            core::DataType::F64 => Self::F64,
             core::DataType::F32 => Self::F32,
             core::DataType::F16 => Self::F16,
             core::DataType::BF16 => Self::BF16,
@@ -67,6 +76,9 @@ impl From<core::DataType> for DataType {
             core::DataType::I32 => Self::I32,
             core::DataType::I64 => Self::I64,
             core::DataType::U8 => Self::U8,
+            core::DataType::U16 => Self::U16,
+            core::DataType::U32 => Self::U32,
+            core::DataType::U64 => Self::U64,
             core::DataType::Bool => Self::Bool,
         }
     }
@@ -170,28 +182,6 @@ fn lock(held: &Held) -> MutexGuard<'_, Bytes> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A copy of `bytes` on the heap as a tensor of `shape` and `dtype`, in a buffer aligned for the
-/// dtype (a `Vec<u8>` is not, and NumPy and torch expect aligned elements).
-fn heap_copy(
-    bytes: &[u8],
-    shape: Vec<usize>,
-    dtype: core::DataType,
-) -> Result<core::TensorBuffer, TensorError> {
-    use bytemuck::pod_collect_to_vec as collect;
-    use core::{TensorBuffer as T, bf16, f16};
-    match dtype {
-        core::DataType::F32 => T::from_vec(collect::<u8, f32>(bytes), shape),
-        core::DataType::F16 => T::from_vec(collect::<u8, f16>(bytes), shape),
-        core::DataType::BF16 => T::from_vec(collect::<u8, bf16>(bytes), shape),
-        core::DataType::I8 => T::from_vec(collect::<u8, i8>(bytes), shape),
-        core::DataType::I16 => T::from_vec(collect::<u8, i16>(bytes), shape),
-        core::DataType::I32 => T::from_vec(collect::<u8, i32>(bytes), shape),
-        core::DataType::I64 => T::from_vec(collect::<u8, i64>(bytes), shape),
-        core::DataType::U8 => T::from_vec(bytes.to_vec(), shape),
-        core::DataType::Bool => T::from_bytes(bytes.to_vec(), shape, core::DataType::Bool),
-    }
-}
-
 /// Imports any object with `__dlpack__` as a view of its bytes, checking that it is on the CPU.
 fn import_dlpack(object: &Bound<'_, PyAny>) -> PyResult<ForeignTensor> {
     let py = object.py();
@@ -292,8 +282,9 @@ impl TensorBuffer {
             return Ok(Self::new(Bytes::Foreign(view)));
         }
         let view = import_dlpack(&contiguous_numpy(data)?)?;
-        let copy = heap_copy(view.bytes(), view.shape().to_vec(), view.dtype())
-            .map_err(errors::tensor_error)?;
+        let copy =
+            core::TensorBuffer::copy_from_bytes(view.bytes(), view.shape().to_vec(), view.dtype())
+                .map_err(errors::tensor_error)?;
         Ok(Self::new(Bytes::Core(copy)))
     }
 
@@ -389,8 +380,8 @@ impl TensorBuffer {
         let shape = bytes.shape().to_vec();
         let dtype = bytes.dtype();
         if copy == Some(true) {
-            let copy =
-                heap_copy(bytes.as_bytes(), shape.clone(), dtype).map_err(errors::tensor_error)?;
+            let copy = core::TensorBuffer::copy_from_bytes(bytes.as_bytes(), shape.clone(), dtype)
+                .map_err(errors::tensor_error)?;
             drop(bytes);
             let copy: Held = Arc::new(Mutex::new(Bytes::Core(copy)));
             let data = lock(&copy).data_ptr();

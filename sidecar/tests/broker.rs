@@ -1,5 +1,5 @@
 //! The broker with real processes: the sidecar binary, client processes (`broker_peer`, and the
-//! core crate's quickstart programs, unchanged, given `REMOTEMEDIA_SIDECAR`), each test in its own
+//! quickstart programs of `examples/quickstart`, unchanged, given `REMOTEMEDIA_SIDECAR`), each test in its own
 //! socket directory. Leaks are judged from outside: `/proc/*/maps`, the sidecar's descriptor
 //! count, its admin port.
 
@@ -236,7 +236,7 @@ fn processes_mapping(inodes: &[u64]) -> Vec<String> {
 fn the_quickstart_producer_and_consumer_exchange_a_tensor_through_the_broker() {
     let dir = TempDir::new("seed");
     let sidecar = Sidecar::start(&dir, &[]);
-    let mut producer = Command::new(built("examples/quickstart_producer"))
+    let mut producer = Command::new(built("quickstart-producer"))
         .env("REMOTEMEDIA_SIDECAR", dir.env())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -257,7 +257,7 @@ fn the_quickstart_producer_and_consumer_exchange_a_tensor_through_the_broker() {
         "the producer maps a broker memfd"
     );
 
-    let consumer = Command::new(built("examples/quickstart_consumer"))
+    let consumer = Command::new(built("quickstart-consumer"))
         .arg(region)
         .env("REMOTEMEDIA_SIDECAR", dir.env())
         .output()

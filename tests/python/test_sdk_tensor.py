@@ -194,9 +194,21 @@ def test_read_only_array_is_refused_for_zero_copy_and_copied_otherwise():
     np.testing.assert_array_equal(TensorBuffer.from_numpy(data, zero_copy=False).to_numpy(), data)
 
 
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [(np.float64, DataType.F64), (np.uint16, DataType.U16), (np.uint32, DataType.U32), (np.uint64, DataType.U64)],
+)
+def test_every_triton_numeric_dtype_round_trips_through_numpy(dtype, expected):
+    data = np.arange(6, dtype=dtype).reshape(2, 3)
+    tensor = TensorBuffer.from_numpy(data)
+    assert tensor.dtype == expected
+    np.testing.assert_array_equal(tensor.to_numpy(), data)
+    assert tensor.to_numpy().dtype == data.dtype
+
+
 def test_unsupported_dtype_is_a_tensor_error():
     with pytest.raises(TensorError, match="unsupported dtype") as raised:
-        TensorBuffer.from_numpy(np.zeros(4, dtype=np.float64))
+        TensorBuffer.from_numpy(np.zeros(4, dtype=np.complex128))
     assert isinstance(raised.value, ValueError) and isinstance(raised.value, RemoteMediaError)
     with pytest.raises(TensorError, match="unsupported dtype"):
         TensorBuffer.from_dlpack(torch.zeros(2, dtype=torch.complex64))

@@ -196,6 +196,11 @@ impl Region {
         &self.id
     }
 
+    /// True for a region from the node broker; false for POSIX shared memory by name.
+    pub fn is_brokered(&self) -> bool {
+        matches!(self.holder, Holder::Brokered(_))
+    }
+
     /// Size of the region in bytes.
     pub fn len(&self) -> usize {
         self.mapping.len()

@@ -8,6 +8,7 @@ pub use half::{bf16, f16};
 /// where a wire format needs them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DataType {
+    F64,
     F32,
     F16,
     BF16,
@@ -16,13 +17,18 @@ pub enum DataType {
     I32,
     I64,
     U8,
+    U16,
+    U32,
+    U64,
     /// One byte per element, 0 or 1.
     Bool,
 }
 
 impl DataType {
-    /// Every data type, for tests and tables.
-    pub const ALL: [DataType; 9] = [
+    /// Every data type, for tests and tables: Triton's datatypes but `BYTES` (variable-length
+    /// strings, not a fixed-size element).
+    pub const ALL: [DataType; 13] = [
+        DataType::F64,
         DataType::F32,
         DataType::F16,
         DataType::BF16,
@@ -31,6 +37,9 @@ impl DataType {
         DataType::I32,
         DataType::I64,
         DataType::U8,
+        DataType::U16,
+        DataType::U32,
+        DataType::U64,
         DataType::Bool,
     ];
 
@@ -38,15 +47,16 @@ impl DataType {
     pub const fn size_bytes(self) -> usize {
         match self {
             DataType::I8 | DataType::U8 | DataType::Bool => 1,
-            DataType::F16 | DataType::BF16 | DataType::I16 => 2,
-            DataType::F32 | DataType::I32 => 4,
-            DataType::I64 => 8,
+            DataType::F16 | DataType::BF16 | DataType::I16 | DataType::U16 => 2,
+            DataType::F32 | DataType::I32 | DataType::U32 => 4,
+            DataType::F64 | DataType::I64 | DataType::U64 => 8,
         }
     }
 
     /// Triton's (KServe v2's) name of the type.
     pub const fn triton_name(self) -> &'static str {
         match self {
+            DataType::F64 => "FP64",
             DataType::F32 => "FP32",
             DataType::F16 => "FP16",
             DataType::BF16 => "BF16",
@@ -55,6 +65,9 @@ impl DataType {
             DataType::I32 => "INT32",
             DataType::I64 => "INT64",
             DataType::U8 => "UINT8",
+            DataType::U16 => "UINT16",
+            DataType::U32 => "UINT32",
+            DataType::U64 => "UINT64",
             DataType::Bool => "BOOL",
         }
     }
@@ -70,6 +83,7 @@ impl DataType {
 impl fmt::Display for DataType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            DataType::F64 => "f64",
             DataType::F32 => "f32",
             DataType::F16 => "f16",
             DataType::BF16 => "bf16",
@@ -78,6 +92,9 @@ impl fmt::Display for DataType {
             DataType::I32 => "i32",
             DataType::I64 => "i64",
             DataType::U8 => "u8",
+            DataType::U16 => "u16",
+            DataType::U32 => "u32",
+            DataType::U64 => "u64",
             DataType::Bool => "bool",
         })
     }
@@ -104,7 +121,10 @@ macro_rules! element {
     )*};
 }
 
-element!(f32 => F32, f16 => F16, bf16 => BF16, i8 => I8, i16 => I16, i32 => I32, i64 => I64, u8 => U8);
+element!(
+    f64 => F64, f32 => F32, f16 => F16, bf16 => BF16, i8 => I8, i16 => I16, i32 => I32,
+    i64 => I64, u8 => U8, u16 => U16, u32 => U32, u64 => U64,
+);
 
 #[cfg(test)]
 mod tests {
@@ -116,6 +136,20 @@ mod tests {
             assert_eq!(DataType::from_triton_name(dtype.triton_name()), Some(dtype));
         }
         assert_eq!(DataType::from_triton_name("BYTES"), None);
+        assert_eq!(DataType::from_triton_name("fp32"), None);
+    }
+
+    #[test]
+    fn every_triton_datatype_but_bytes_is_known() {
+        let triton = [
+            "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+            "FP16", "FP32", "FP64", "BF16",
+        ];
+        for name in triton {
+            let dtype = DataType::from_triton_name(name).unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(dtype.triton_name(), name);
+        }
+        assert_eq!(DataType::ALL.len(), triton.len());
     }
 
     #[test]
@@ -124,6 +158,7 @@ mod tests {
             (T::DTYPE, std::mem::size_of::<T>())
         }
         for (dtype, size) in [
+            size_of::<f64>(),
             size_of::<f32>(),
             size_of::<f16>(),
             size_of::<bf16>(),
@@ -132,6 +167,9 @@ mod tests {
             size_of::<i32>(),
             size_of::<i64>(),
             size_of::<u8>(),
+            size_of::<u16>(),
+            size_of::<u32>(),
+            size_of::<u64>(),
         ] {
             assert_eq!(dtype.size_bytes(), size, "{dtype}");
         }

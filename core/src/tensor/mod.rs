@@ -43,6 +43,13 @@ pub enum TensorError {
         size: usize,
         region_len: usize,
     },
+    #[error(
+        "failed to build tensor: its elements are {elements}, but the data type given is {declared}"
+    )]
+    ElementMismatch {
+        declared: DataType,
+        elements: DataType,
+    },
     #[error("failed to view a {actual} tensor as {requested}")]
     DtypeMismatch {
         requested: DataType,
@@ -70,10 +77,39 @@ pub struct TensorBuffer {
 }
 
 impl TensorBuffer {
-    /// A heap tensor that takes ownership of `data` (no copy).
-    pub fn from_vec<T: Element>(data: Vec<T>, shape: Vec<usize>) -> Result<Self, TensorError> {
+    /// A heap tensor that takes ownership of `data` (no copy). `dtype` must be the type of the
+    /// elements (`DataType::I32` for a `Vec<i32>`): it is stated so that the line reads the
+    /// same as the tensor's wire description, and a mismatch is an error, not a reinterpretation.
+    pub fn from_vec<T: Element>(
+        data: Vec<T>,
+        shape: Vec<usize>,
+        dtype: DataType,
+    ) -> Result<Self, TensorError> {
+        if dtype != T::DTYPE {
+            return Err(TensorError::ElementMismatch {
+                declared: dtype,
+                elements: T::DTYPE,
+            });
+        }
         let size = std::mem::size_of_val(data.as_slice());
         Self::new(TensorStorage::heap(data), size, shape, T::DTYPE)
+    }
+
+    /// A heap copy of `bytes` as a tensor of `shape` and `dtype`, in a buffer aligned for every
+    /// data type, so the typed views of the copy always work (bytes received from a socket or
+    /// read from a file have no alignment).
+    pub fn copy_from_bytes(
+        bytes: &[u8],
+        shape: Vec<usize>,
+        dtype: DataType,
+    ) -> Result<Self, TensorError> {
+        check_size(&shape, dtype, bytes.len())?;
+        Self::new(
+            TensorStorage::aligned_copy(bytes),
+            bytes.len(),
+            shape,
+            dtype,
+        )
     }
 
     /// A heap tensor of any data type from raw bytes (no copy). Typed views need the bytes to
@@ -268,6 +304,7 @@ macro_rules! typed_views {
 }
 
 typed_views!(
+    as_f64_slice => f64,
     as_f32_slice => f32,
     as_f16_slice => f16,
     as_bf16_slice => bf16,
@@ -276,6 +313,9 @@ typed_views!(
     as_i32_slice => i32,
     as_i64_slice => i64,
     as_u8_slice => u8,
+    as_u16_slice => u16,
+    as_u32_slice => u32,
+    as_u64_slice => u64,
 );
 
 #[cfg(test)]

@@ -14,6 +14,11 @@ pub struct TensorStorage {
 #[derive(Debug)]
 enum Kind {
     Heap(Box<dyn HeapBytes>),
+    /// A copy in 8-byte words (the largest element alignment), of which `len` bytes are used.
+    Aligned {
+        words: Vec<u64>,
+        len: usize,
+    },
     /// From the allocator: the whole tensor starts at offset 0 of its own region.
     Allocated {
         lease: Lease,
@@ -51,6 +56,17 @@ impl TensorStorage {
         }
     }
 
+    pub(super) fn aligned_copy(bytes: &[u8]) -> Self {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..bytes.len()].copy_from_slice(bytes);
+        Self {
+            kind: Kind::Aligned {
+                words,
+                len: bytes.len(),
+            },
+        }
+    }
+
     pub(super) fn allocated(lease: Lease, len: usize) -> Self {
         Self {
             kind: Kind::Allocated { lease, len },
@@ -79,7 +95,7 @@ impl TensorStorage {
     pub fn offset(&self) -> usize {
         match &self.kind {
             Kind::Mapped { offset, .. } => *offset,
-            Kind::Heap(_) | Kind::Allocated { .. } => 0,
+            Kind::Heap(_) | Kind::Aligned { .. } | Kind::Allocated { .. } => 0,
         }
     }
 
@@ -92,7 +108,9 @@ impl TensorStorage {
     pub fn len(&self) -> usize {
         match &self.kind {
             Kind::Heap(data) => data.bytes().len(),
-            Kind::Allocated { len, .. } | Kind::Mapped { len, .. } => *len,
+            Kind::Aligned { len, .. } | Kind::Allocated { len, .. } | Kind::Mapped { len, .. } => {
+                *len
+            }
         }
     }
 
@@ -104,7 +122,7 @@ impl TensorStorage {
     /// The shared-memory region, if the bytes live in one.
     pub fn region(&self) -> Option<&Region> {
         match &self.kind {
-            Kind::Heap(_) => None,
+            Kind::Heap(_) | Kind::Aligned { .. } => None,
             Kind::Allocated { lease, .. } => Some(lease.region()),
             Kind::Mapped { region, .. } => Some(region),
         }
@@ -113,6 +131,7 @@ impl TensorStorage {
     pub(super) fn bytes(&self) -> &[u8] {
         match &self.kind {
             Kind::Heap(data) => data.bytes(),
+            Kind::Aligned { words, len } => &bytemuck::cast_slice(words)[..*len],
             Kind::Allocated { lease, len } => &lease.region().as_slice()[..*len],
             Kind::Mapped {
                 region,
@@ -125,6 +144,7 @@ impl TensorStorage {
     pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
         match &mut self.kind {
             Kind::Heap(data) => data.bytes_mut(),
+            Kind::Aligned { words, len } => &mut bytemuck::cast_slice_mut(words)[..*len],
             Kind::Allocated { lease, len } => &mut lease.region_mut().as_mut_slice()[..*len],
             Kind::Mapped {
                 region,

@@ -11,7 +11,7 @@ fn allocator() -> SharedMemoryAllocator {
 fn from_vec_keeps_the_callers_buffer() {
     let data: Vec<f32> = (0..12).map(|i| i as f32).collect();
     let address = data.as_ptr();
-    let tensor = TensorBuffer::from_vec(data, vec![3, 4]).unwrap();
+    let tensor = TensorBuffer::from_vec(data, vec![3, 4], DataType::F32).unwrap();
     assert_eq!(tensor.as_f32_slice().unwrap().as_ptr(), address);
     assert_eq!(tensor.as_f32_slice().unwrap()[5], 5.0);
     assert_eq!(tensor.strides(), &[4, 1]);
@@ -21,7 +21,7 @@ fn from_vec_keeps_the_callers_buffer() {
 
 #[test]
 fn from_vec_refuses_a_shape_that_does_not_fit_the_data() {
-    let error = TensorBuffer::from_vec(vec![0i64; 5], vec![2, 3]).unwrap_err();
+    let error = TensorBuffer::from_vec(vec![0i64; 5], vec![2, 3], DataType::I64).unwrap_err();
     assert!(matches!(
         error,
         TensorError::ShapeMismatch {
@@ -33,8 +33,38 @@ fn from_vec_refuses_a_shape_that_does_not_fit_the_data() {
 }
 
 #[test]
+fn from_vec_refuses_a_data_type_that_is_not_its_elements() {
+    let error = TensorBuffer::from_vec(vec![0i32; 4], vec![4], DataType::F32).unwrap_err();
+    assert!(matches!(
+        error,
+        TensorError::ElementMismatch {
+            declared: DataType::F32,
+            elements: DataType::I32
+        }
+    ));
+    assert!(error.to_string().contains("i32"), "{error}");
+}
+
+#[test]
+fn copy_from_bytes_is_aligned_for_views_whatever_the_source_alignment() {
+    let values: Vec<u64> = vec![1, u64::MAX, 42];
+    let mut bytes = vec![0u8; 1];
+    bytes.extend_from_slice(bytemuck::cast_slice(&values));
+    // `bytes[1..]` starts one byte past an allocation: never 8-byte aligned.
+    let tensor = TensorBuffer::copy_from_bytes(&bytes[1..], vec![3], DataType::U64).unwrap();
+    assert_eq!(tensor.as_u64_slice().unwrap(), values.as_slice());
+    assert_eq!(tensor.byte_len(), 24);
+    let odd = TensorBuffer::copy_from_bytes(&[1, 2, 3], vec![3], DataType::U8).unwrap();
+    assert_eq!(odd.as_bytes(), &[1, 2, 3]);
+    assert!(matches!(
+        TensorBuffer::copy_from_bytes(&bytes[1..], vec![4], DataType::F64),
+        Err(TensorError::ShapeMismatch { .. })
+    ));
+}
+
+#[test]
 fn typed_view_of_another_dtype_is_refused() {
-    let tensor = TensorBuffer::from_vec(vec![1i32, 2], vec![2]).unwrap();
+    let tensor = TensorBuffer::from_vec(vec![1i32, 2], vec![2], DataType::I32).unwrap();
     assert!(matches!(
         tensor.as_f32_slice(),
         Err(TensorError::DtypeMismatch {
@@ -48,15 +78,15 @@ fn typed_view_of_another_dtype_is_refused() {
 #[test]
 fn half_precision_views_read_the_same_bits() {
     let values = vec![f16::from_f32(1.5), f16::from_f32(-2.0)];
-    let tensor = TensorBuffer::from_vec(values.clone(), vec![2]).unwrap();
+    let tensor = TensorBuffer::from_vec(values.clone(), vec![2], DataType::F16).unwrap();
     assert_eq!(tensor.as_f16_slice().unwrap(), values.as_slice());
-    let tensor = TensorBuffer::from_vec(vec![bf16::from_f32(3.0)], vec![]).unwrap();
+    let tensor = TensorBuffer::from_vec(vec![bf16::from_f32(3.0)], vec![], DataType::BF16).unwrap();
     assert_eq!(tensor.as_bf16_slice().unwrap()[0].to_f32(), 3.0);
 }
 
 #[test]
 fn mutable_typed_view_writes_the_bytes() {
-    let mut tensor = TensorBuffer::from_vec(vec![0i16; 4], vec![2, 2]).unwrap();
+    let mut tensor = TensorBuffer::from_vec(vec![0i16; 4], vec![2, 2], DataType::I16).unwrap();
     tensor.as_mut_slice_of::<i16>().unwrap()[3] = -1;
     assert_eq!(&tensor.as_bytes()[6..], &[0xff, 0xff]);
 }
@@ -74,7 +104,7 @@ fn bool_view_checks_every_byte() {
 
 #[test]
 fn heap_tensor_has_no_region_id_and_says_so() {
-    let tensor = TensorBuffer::from_vec(vec![0u8; 4], vec![4]).unwrap();
+    let tensor = TensorBuffer::from_vec(vec![0u8; 4], vec![4], DataType::U8).unwrap();
     let error = tensor.storage().region_id().unwrap_err();
     assert!(matches!(error, TensorError::NotShared));
     assert!(error.to_string().contains("heap"), "{error}");
@@ -83,7 +113,7 @@ fn heap_tensor_has_no_region_id_and_says_so() {
 
 #[test]
 fn reshape_reinterprets_without_copying_and_checks_the_size() {
-    let tensor = TensorBuffer::from_vec(vec![0u8; 16], vec![16]).unwrap();
+    let tensor = TensorBuffer::from_vec(vec![0u8; 16], vec![16], DataType::U8).unwrap();
     let address = tensor.as_bytes().as_ptr();
     let tensor = tensor.reshape(vec![2, 2], DataType::F32).unwrap();
     assert_eq!(tensor.as_bytes().as_ptr(), address);

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 /// `relative` under target/<profile> (test binaries run from target/<profile>/deps): e.g.
-/// `examples/shm_peer` or `remotemedia-model-worker`.
+/// `examples/shm_peer`, `remotemedia-model-worker`, or `quickstart-producer` (the quickstart
+/// project builds into the same target directory).
 pub fn built(relative: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let path = exe
@@ -15,7 +16,8 @@ pub fn built(relative: &str) -> PathBuf {
         .join(relative);
     assert!(
         path.exists(),
-        "{} is missing: run `cargo build --workspace --bins --examples`",
+        "{} is missing: run `cargo build --workspace --bins --examples` and `cargo build \\
+         --manifest-path examples/quickstart/Cargo.toml`",
         path.display()
     );
     path

@@ -1,5 +1,5 @@
 //! The API users write, from issue 7, as a program outside the crate: two pipeline stages ask for
-//! the same model and share one instance, loaded once. `scripts/test.sh` runs it; its asserts
+//! the same model and share one instance, loaded once. `tests/quickstart.rs` runs it; its asserts
 //! are what it checks.
 //!
 //! `InferenceModel`, the seed's model trait, is declared with the tensor types as an extension of
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 #[rustfmt::skip]
 use remotemedia_runtime_core::model_registry::{ModelRegistry, RegistryConfig, EvictionPolicy, InferenceModel};
 use remotemedia_runtime_core::model_registry::{InferenceError, RegistryModel};
-use remotemedia_runtime_core::tensor::TensorBuffer;
+use remotemedia_runtime_core::tensor::{DataType, TensorBuffer};
 
 /// Counts loads from outside the registry.
 static LOADS: AtomicUsize = AtomicUsize::new(0);
@@ -47,7 +47,7 @@ impl InferenceModel for WhisperModel {
             .map(|frame| frame.iter().sum::<f32>() * self.weights[0])
             .collect();
         let len = frames.len();
-        Ok(TensorBuffer::from_vec(frames, vec![len])?)
+        Ok(TensorBuffer::from_vec(frames, vec![len], DataType::F32)?)
     }
 }
 
@@ -59,7 +59,7 @@ impl RegistryModel for WhisperModel {
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let input_tensor = TensorBuffer::from_vec(vec![1.0_f32; 16_000], vec![16_000])?;
+    let input_tensor = TensorBuffer::from_vec(vec![1.0_f32; 16_000], vec![16_000], DataType::F32)?;
     let (registry, output) = issue_snippet(input_tensor).await?;
 
     assert_eq!(LOADS.load(Ordering::SeqCst), 1, "loaded once");

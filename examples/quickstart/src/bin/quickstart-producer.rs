@@ -1,6 +1,6 @@
 //! Quickstart, producer side: puts a 1 MiB tensor (256 × 1024 `f32`, element `i` = `i`) in
 //! shared memory, prints `region=<id> checksum=<n>`, and keeps the region alive until a line (or
-//! the end) arrives on stdin. Run `quickstart_consumer <id>` meanwhile.
+//! the end) arrives on stdin. Run `quickstart-consumer <id>` meanwhile.
 
 use remotemedia_runtime_core::tensor::{DataType, SharedMemoryAllocator, TensorBuffer};
 

@@ -1,4 +1,4 @@
-//! Quickstart, consumer side: `quickstart_consumer <region-id>` maps the producer's 1 MiB
+//! Quickstart, consumer side: `quickstart-consumer <region-id>` maps the producer's 1 MiB
 //! tensor by id, reads it in place and prints `checksum=<n>`; then shows that a slice past the
 //! end of the region is refused.
 use remotemedia_runtime_core::tensor::{DataType, TensorBuffer};
@@ -6,7 +6,7 @@ use remotemedia_runtime_core::tensor::{DataType, TensorBuffer};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let region_id = std::env::args()
         .nth(1)
-        .ok_or("usage: quickstart_consumer <region-id>")?;
+        .ok_or("usage: quickstart-consumer <region-id>")?;
 
     let shared = TensorBuffer::from_shared_memory(
         &region_id,
