@@ -18,7 +18,7 @@ setup: ## Install everything the demo and tests need: Python environment and SDK
 python-sdk: ## Build the Python SDK (python/) into a wheel and install it in the Python environment
 	@scripts/python-sdk.sh
 
-demo: setup ## Set up, then start a model worker, curl its health, run one inference, stop it
+demo: setup ## Set up, then run the sidecar, a colocated and a "remote" worker, and a client on both paths; stop them all
 	@scripts/demo.sh
 
 test: ## Format check, clippy, and every test tier with per-tier counts
@@ -41,7 +41,8 @@ crds: ## Regenerate crds/modelworker.yaml from the Rust types in crds/src, and t
 
 bench: ## Run every benchmark and print its table (QUICK=1: one short pass per row, as CI does)
 	cargo bench --locked -p remotemedia-runtime-core --bench registry --bench shm -- $(if $(QUICK),--quick)
-	cargo bench --locked -p remotemedia-sidecar --bench broker -- $(if $(QUICK),--quick)
+	cargo build --release --locked -p remotemedia-model-worker
+	cargo bench --locked -p remotemedia-sidecar --bench broker --bench transport -- $(if $(QUICK),--quick)
 	"$$(scripts/venv.sh)/bin/python" scripts/make_models.py $(MODELS_DIR)
 	source scripts/torch-env.sh && cargo bench --locked -p remotemedia-model-worker --features torch --bench worker -- --models "$(abspath $(MODELS_DIR))" $(if $(QUICK),--quick)
 	@scripts/python-sdk.sh
