@@ -132,14 +132,14 @@ fn owner_label<K: Resource>(object: &K) -> Option<String> {
 
 /// Watches `api` (re-watching when the server ends a watch) and records, per ModelWorker name
 /// `key` returns, the first moment an event shows the object in the state `key` looks for.
-async fn record<K, F>(api: Api<K>, seen: Seen, key: F) -> Result<(), Error>
+async fn record<K, F>(objects: Api<K>, seen: Seen, key: F) -> Result<(), Error>
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     F: Fn(&K) -> Option<String> + Send + 'static,
 {
     let mut version = "0".to_owned();
     loop {
-        let mut events = api
+        let mut events = objects
             .watch(&WatchParams::default(), &version)
             .await
             .map_err(api("watch"))?
@@ -460,7 +460,7 @@ async fn run(
             .status
             .as_ref()
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
-            .and_then(|c| c.last_transition_time.as_ref());
+            .map(|c| &c.last_transition_time);
         if let (Some(ready), Some(pods)) = (ready_at, pod_ready_at.get(&name)) {
             ts_ready.push((millis(ready) - pods) as f64);
         }
