@@ -10,6 +10,11 @@
 #   e2e/cluster.sh restart-apiserver
 #                          stop the API server and start it again (etcd keeps the state)
 #
+# Rates (unset: each component's default): REMOTEMEDIA_E2E_MAX_REQUESTS_INFLIGHT and
+# REMOTEMEDIA_E2E_MAX_MUTATING_REQUESTS_INFLIGHT (API server, defaults 400 and 200),
+# REMOTEMEDIA_E2E_KUBE_API_QPS and REMOTEMEDIA_E2E_KUBE_API_BURST (controller manager, defaults
+# 20 and 30, and scheduler, defaults 50 and 100).
+#
 # State lives in $REMOTEMEDIA_E2E_DIR (default .e2e/ in the repository): `kubeconfig` (cluster
 # admin), `logs/<component>.log`, certificates, etcd's data. Each `up` picks free loopback ports,
 # so two checkouts can run clusters side by side.
@@ -198,7 +203,9 @@ start_apiserver() {
     --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
     --requestheader-extra-headers-prefix=X-Remote-Extra- \
     --proxy-client-cert-file="$pki/front-proxy-client.crt" --proxy-client-key-file="$pki/front-proxy-client.key" \
-    --allow-privileged=true
+    --allow-privileged=true \
+    ${REMOTEMEDIA_E2E_MAX_REQUESTS_INFLIGHT:+--max-requests-inflight=$REMOTEMEDIA_E2E_MAX_REQUESTS_INFLIGHT} \
+    ${REMOTEMEDIA_E2E_MAX_MUTATING_REQUESTS_INFLIGHT:+--max-mutating-requests-inflight=$REMOTEMEDIA_E2E_MAX_MUTATING_REQUESTS_INFLIGHT}
   wait_healthy kube-apiserver "https://127.0.0.1:$APISERVER_PORT/readyz" \
     --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key"
 }
@@ -232,6 +239,9 @@ restart_apiserver() {
 
 up() {
   local start_time=$SECONDS kubectl admin_kubeconfig=$state/kubeconfig
+  # Client rates of the controller manager and the scheduler, when set.
+  local rates=(${REMOTEMEDIA_E2E_KUBE_API_QPS:+--kube-api-qps=$REMOTEMEDIA_E2E_KUBE_API_QPS}
+    ${REMOTEMEDIA_E2E_KUBE_API_BURST:+--kube-api-burst=$REMOTEMEDIA_E2E_KUBE_API_BURST})
   if [[ -f $pids ]]; then
     for name in "${components[@]}"; do
       ! alive "$name" || fail "a cluster is already running from $state; run \`$0 down\` first"
@@ -277,12 +287,12 @@ up() {
     --leader-elect=false \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --use-service-account-credentials=true \
-    --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key"
+    --cluster-signing-cert-file="$pki/ca.crt" --cluster-signing-key-file="$pki/ca.key" "${rates[@]}"
   start kube-scheduler --kubeconfig="$state/scheduler.kubeconfig" \
     --authentication-kubeconfig="$state/scheduler.kubeconfig" \
     --authorization-kubeconfig="$state/scheduler.kubeconfig" \
     --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" \
-    --leader-elect=false
+    --leader-elect=false "${rates[@]}"
   # kwok manages only the nodes annotated as its own (nodes.yaml), so a real node is never touched.
   start kwok --kubeconfig="$state/kwok.kubeconfig" \
     --config="$bin/../share/kwok-stages.yaml" \
