@@ -27,7 +27,7 @@ use kube::{
 };
 use remotemedia_crds::ModelWorker;
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, install_crd, operator::Operator, wait_until,
+    Error, Probe, TestNamespace, api, client, install_crd, operator::Component, wait_until,
 };
 use serde_json::json;
 
@@ -330,7 +330,7 @@ async fn run(
     .await?;
 
     let ns = TestNamespace::create(client, "scale").await?;
-    let mut operator = Operator::start(
+    let mut operator = Component::start(
         &ns.name,
         &["--leader-election=false", "--watch-namespace", &ns.name],
     )?;
@@ -353,7 +353,7 @@ async fn run(
         tokio::spawn(record(
             ns.api::<Deployment>(),
             deployments_seen.clone(),
-            |d| owner_label(d),
+            owner_label,
         )),
         tokio::spawn(record(ns.api::<Pod>(), pods_ready.clone(), |p| {
             pod_ready(p).then(|| owner_label(p)).flatten()
