@@ -44,6 +44,12 @@ bench: ## Run every benchmark and print its table (QUICK=1: one short pass per r
 	cargo bench --locked -p remotemedia-sidecar --bench broker -- $(if $(QUICK),--quick)
 	@scripts/python-sdk.sh
 	"$$(scripts/venv.sh)/bin/python" python/benches/sdk.py $(if $(QUICK),--quick)
+	cargo build --release --locked -p remotemedia-model-worker -p remotemedia-sidecar
+	cargo build --release --locked -p remotemedia-runtime-core --example infer_loop
+	@release=$$(cargo metadata --format-version 1 --no-deps | "$$(scripts/venv.sh)/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')/release; \
+	REMOTEMEDIA_WORKER_BIN=$$release/remotemedia-model-worker REMOTEMEDIA_SIDECAR_BIN=$$release/remotemedia-sidecar \
+	REMOTEMEDIA_INFER_LOOP_BIN=$$release/examples/infer_loop \
+	"$$(scripts/venv.sh)/bin/python" python/benches/client.py $(if $(QUICK),--quick)
 
 FUZZ_SECONDS ?= 60
 fuzz: ## Fuzz the decoders of outside bytes (worker requests, broker packets), FUZZ_SECONDS each (default 60; nightly + cargo-fuzz)
