@@ -52,7 +52,7 @@ enum Answer {
     One(core::TensorBuffer),
     Named(InferOutputs),
     Status(Box<ModelStatus>),
-    Stream(InferStream, Mode),
+    Stream(Box<InferStream>, Mode),
     Response(Option<StreamResponse>),
     Sent(u64),
 }
@@ -66,10 +66,10 @@ impl Answer {
             Answer::Named(outputs) => named_outputs(py, outputs)?.into_any().unbind(),
             Answer::Status(status) => status_dict(py, &status)?.into_any().unbind(),
             Answer::Stream(stream, Mode::Async) => {
-                Py::new(py, PyInferStream(StreamState::new(stream)))?.into_any()
+                Py::new(py, PyInferStream(StreamState::new(*stream)))?.into_any()
             }
             Answer::Stream(stream, Mode::Blocking) => {
-                Py::new(py, BlockingInferStream(StreamState::new(stream)))?.into_any()
+                Py::new(py, BlockingInferStream(StreamState::new(*stream)))?.into_any()
             }
             Answer::Response(Some(StreamResponse { id, result })) => {
                 // A request's own failure is raised by the call that returns its answer.
@@ -124,7 +124,7 @@ fn status_dict<'py>(py: Python<'py>, status: &ModelStatus) -> PyResult<Bound<'py
             item.set_item("inference_count", stats.inference_count)?;
             item.set_item("execution_count", stats.execution_count)?;
             item.set_item("last_inference_ms", stats.last_inference)?;
-            let infer = stats.inference_stats.clone().unwrap_or_default();
+            let infer = stats.inference_stats.unwrap_or_default();
             for (key, duration) in [("success", infer.success), ("fail", infer.fail)] {
                 let duration = duration.unwrap_or_default();
                 item.set_item(format!("{key}_count"), duration.count)?;
@@ -313,7 +313,7 @@ impl Shared {
         };
         mode.run(py, async move {
             let stream = client.infer_stream(options).await.map_err(client_error)?;
-            Ok(Answer::Stream(stream, mode))
+            Ok(Answer::Stream(Box::new(stream), mode))
         })
     }
 
