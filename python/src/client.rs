@@ -364,6 +364,22 @@ impl Shared {
     }
 }
 
+impl Drop for Shared {
+    /// A client garbage-collected without `close()` still unregisters its shared-memory
+    /// registrations: core does so only when dropped inside a tokio runtime, which a Python
+    /// thread is not.
+    fn drop(&mut self) {
+        let client = self.slot().take();
+        if let (Some(client), Ok(runtime)) = (client, crate::runtime()) {
+            // Nobody is left to tell of a failure: the server drops the registrations when
+            // it restarts.
+            runtime.spawn(async move {
+                let _ = client.close().await;
+            });
+        }
+    }
+}
+
 /// The node sidecar `REMOTEMEDIA_SIDECAR` names, which must be set when no endpoint is given.
 async fn sidecar_from_env(config: ClientConfig) -> Result<CoreClient, ClientError> {
     match CoreClient::from_env_with(config).await? {

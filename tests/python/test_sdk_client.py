@@ -16,6 +16,7 @@ from conftest import Worker, _free_ports
 from remotemedia.core import (
     BlockingModelWorkerClient,
     ConnectionLostError,
+    DeadlineExceededError,
     InvalidEndpointError,
     ModelWorkerClient,
     ModelWorkerError,
@@ -167,6 +168,27 @@ def test_a_worker_killed_mid_request_raises_connection_lost():
         worker.process.wait()
         worker.stderr.close()
         worker.dir.cleanup()
+
+
+def test_a_deadline_raises_timeout_and_a_cancelled_call_leaves_the_client_usable():
+    worker = Worker("builtin://identity?infer_delay_ms=1000")
+    try:
+
+        async def main():
+            async with ModelWorkerClient(f"grpc://localhost:{worker.port}") as client:
+                with pytest.raises(DeadlineExceededError) as raised:
+                    await client.infer(np.ones(2, dtype=np.float32), timeout=0.2)
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(client.infer(np.ones(2, dtype=np.float32)), 0.2)
+                answer = await client.infer(np.arange(3, dtype=np.float32), timeout=10)
+                return raised.value, answer.to_numpy().tolist()
+
+        error, answer = run(main())
+        assert isinstance(error, TimeoutError)
+        assert error.code == "DEADLINE_EXCEEDED"
+        assert answer == [0.0, 1.0, 2.0]
+    finally:
+        worker.stop()
 
 
 def test_an_unreachable_endpoint_raises_worker_unavailable():
