@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import Worker
+from test_sdk_client import wait_until_routed
 from test_sidecar import Sidecar
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -35,6 +36,7 @@ def test_the_pipeline_example_classifies_through_the_sidecar_as_torch_does(model
         with open(os.path.join(sidecar.dir.name, "workers.yaml"), "w") as file:
             for name, worker in zip(["tokens", "classifier"], workers):
                 file.write(f"- {{model: {name}, address: '127.0.0.1:{worker.port}', node: node-a}}\n")
+        wait_until_routed(sidecar, "tokens", "classifier")
         env = dict(os.environ, REMOTEMEDIA_SIDECAR=f"unix://{sidecar.dir.name}")
         run = subprocess.run(
             [sys.executable, str(ROOT / "examples" / "python" / "pipeline.py"),

@@ -32,6 +32,21 @@ def run(coroutine):
     return asyncio.run(coroutine)
 
 
+def wait_until_routed(sidecar, *models):
+    """Waits until the sidecar has re-read its discovery file and routes to `models`."""
+    deadline = time.monotonic() + 30
+    with BlockingModelWorkerClient(f"grpc://{sidecar.url}") as client:
+        for model in models:
+            while True:
+                try:
+                    client.status(model)
+                    break
+                except ServerError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+
+
 @pytest.fixture
 def no_sidecar(monkeypatch):
     """Named regions, not the broker's: the tests below that allocate expect POSIX names."""
@@ -223,6 +238,7 @@ def test_a_brokered_tensor_goes_through_the_sidecar_to_a_colocated_worker_in_pla
         # The sidecar re-reads its discovery file: now the worker is colocated (node-a).
         with open(os.path.join(sidecar.dir.name, "workers.yaml"), "w") as file:
             file.write(f"- {{model: checksum, address: '127.0.0.1:{worker.port}', node: node-a}}\n")
+        wait_until_routed(sidecar, "checksum")
         monkeypatch.setenv("REMOTEMEDIA_SIDECAR", f"unix://{sidecar.dir.name}")
         data = np.random.default_rng(5).integers(0, 255, 8 << 20, dtype=np.uint8)
         allocator = SharedMemoryAllocator()
