@@ -64,6 +64,18 @@ class TokenEmbedder(torch.nn.Module):
         return self.embedding(ids).mean(dim=1)
 
 
+class Classifier(torch.nn.Module):
+    """FP32 embedding [-1,8] -> FP32 class probabilities [-1,3]: the pipeline example's second
+    stage, after `tokens`."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 3)
+
+    def forward(self, embedding):
+        return torch.softmax(self.linear(embedding), dim=1)
+
+
 class InPlace(torch.nn.Module):
     """Doubles its input in place and returns it: must not corrupt a client's shared memory."""
 
@@ -219,6 +231,9 @@ def main():
     names = ["f32", "f16", "bf16", "i8", "i16", "i32", "i64", "u8", "b"]
     build(out, "dtypes", Dtypes(), [f"in_{n}" for n in names], [f"out_{n}" for n in names],
           [dtype_inputs], max_batch_size=0)
+    # Last, so that the models above keep the weights and inputs the seeds gave them before.
+    build(out, "classifier", Classifier(), ["embedding"], ["probabilities"],
+          [(randn(3, 8),)], max_batch_size=8)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,19 @@
-"""Process-wide model registry and zero-copy shared-memory tensors.
+"""Process-wide model registry, zero-copy shared-memory tensors, and the model-worker client.
 
 Bindings over the Rust crate ``remotemedia-runtime-core``: the registry, the allocator and every
 shape, dtype and size check are core's; this module converts between them and Python.
 
 The registry runs its loads and TTL sweeper on a tokio runtime that the extension owns: one
 worker thread plus a blocking pool that runs Python loaders, started on the first registry call.
-A runtime does not survive ``fork``: a process forked after the first registry call must not use
-a registry (use the ``spawn`` start method of ``multiprocessing``).
+The model-worker clients run their calls on the same runtime. A runtime does not survive
+``fork``: a process forked after the first registry or client call must not use either (use the
+``spawn`` start method of ``multiprocessing``).
 """
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar, overload
+from typing import Any, Literal, Protocol, Self, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +40,33 @@ class RegistryError(RemoteMediaError, RuntimeError):
     (a memory or model-count cap it cannot make room under)."""
 
 # --- model registry ---------------------------------------------------------------------------
+
+class ModelWorkerError(RemoteMediaError):
+    """A model-worker client call failed."""
+
+    code: str | None
+    """The gRPC status code's name (``"INVALID_ARGUMENT"``, ``"UNAVAILABLE"``, ...), or None for a
+    failure on this side (a bad answer, a call before ``connect()``)."""
+    message: str
+    """The server's own message for a status it sent; otherwise the reason, as ``str(error)``."""
+
+class ServerError(ModelWorkerError):
+    """The server answered with an error status: ``code`` and ``message`` are its."""
+
+class WorkerUnavailableError(ModelWorkerError, ConnectionError):
+    """Nothing answered at the endpoint: every attempt to connect failed (with doubling back-off),
+    so no request reached a server. ``code`` is ``"UNAVAILABLE"``."""
+
+class ConnectionLostError(ModelWorkerError, ConnectionError):
+    """The connection broke with the request in flight (a worker killed mid-request): the server
+    may have run it, so it was not sent again. ``code`` is ``"UNAVAILABLE"``."""
+
+class DeadlineExceededError(ModelWorkerError, TimeoutError):
+    """The call's deadline passed, measured here or reported by the server."""
+
+class InvalidEndpointError(ModelWorkerError, ValueError):
+    """The endpoint is not ``grpc://host[:port]``, ``unix:///path/to/socket`` or
+    ``unix:///socket/dir``, or no endpoint was given and ``REMOTEMEDIA_SIDECAR`` is unset."""
 
 class EvictionPolicy(enum.Enum):
     """Which idle models a registry unloads, and in what order under a cap."""
@@ -308,3 +336,143 @@ class SharedMemoryAllocator:
         """``allocate_tensor`` for ``with allocator.tensor(size) as t:``, which frees it on exit."""
     def session_usage(self, session_id: str) -> int: ...
     def stats(self) -> AllocatorStats: ...
+
+_Tensor = TensorBuffer | npt.ArrayLike
+"""An input: a ``TensorBuffer`` (sent by reference when it is in shared memory the server can
+reach and at least 64 KiB), or anything ``numpy.asarray`` accepts (copied once, sent inline)."""
+
+class ModelWorkerClient:
+    """An asyncio client of a model worker, or of the node sidecar: bindings over the Rust
+    ``ModelWorkerClient`` of ``remotemedia-runtime-core`` (one implementation of the protocol).
+
+    ``endpoint``: ``grpc://host[:port]`` (port 50051 by default), ``unix:///path/to/socket``, or
+    ``unix:///socket/dir`` (its ``infer.sock``); None: the node sidecar whose socket directory
+    ``REMOTEMEDIA_SIDECAR`` names (``InvalidEndpointError`` from ``connect()`` if it is unset).
+    How a tensor travels is the client's choice: a tensor of a ``SharedMemoryAllocator`` goes by
+    reference to a server that can map it (a named region to a worker or sidecar listing system
+    shared memory; a brokered region, allocated with ``REMOTEMEDIA_SIDECAR`` set, to the sidecar
+    on its Unix socket), anything else and anything under ``inline_threshold`` bytes inline.
+    ``timeout``: default deadline of every call, in seconds (None: none).
+
+    Every method except the constructor returns an awaitable, to be awaited on the event loop
+    that called it; cancelling it abandons the call. Outputs are new heap tensors.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float | None = None,
+        inline_threshold: int | None = None,
+    ) -> None: ...
+    @property
+    def endpoint(self) -> str | None:
+        """The endpoint given, or None for the sidecar of ``REMOTEMEDIA_SIDECAR``."""
+    async def connect(self) -> None:
+        """Connects (retrying with back-off; ``WorkerUnavailableError`` if nothing answers) and
+        asks the server which shared memory it can see."""
+    @overload
+    async def infer(
+        self, input: _Tensor, *, model: str | None = None, timeout: float | None = None
+    ) -> TensorBuffer: ...
+    @overload
+    async def infer(
+        self,
+        input: Mapping[str, _Tensor],
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, TensorBuffer]: ...
+    async def infer(
+        self,
+        input: _Tensor | Mapping[str, _Tensor],
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> TensorBuffer | dict[str, TensorBuffer]:
+        """Runs ``model`` (None: the server's only model) on one tensor (the model must have one
+        input and one output) or on named tensors (every output comes back, by name).
+        ``timeout`` in seconds overrides the client's. Server errors raise ``ServerError``."""
+    async def infer_stream(self, *, model: str | None = None) -> InferStream:
+        """Opens a ``ModelStreamInfer`` stream to the model."""
+    async def health_check(self) -> bool:
+        """True when the server is live and ready."""
+    async def status(self, model: str | None = None) -> dict[str, Any]:
+        """The model's metadata and statistics: ``name``, ``versions``, ``platform``, ``inputs``
+        and ``outputs`` (lists of ``{"name", "datatype", "shape"}``), ``statistics`` (None, or
+        ``inference_count``, ``execution_count``, ``last_inference_ms``, ``success_count``,
+        ``success_ns``, ``fail_count``, ``fail_ns``)."""
+    async def close(self) -> None:
+        """Unregisters the client's shared-memory registrations at the server; later calls raise
+        ``ModelWorkerError`` until ``connect()`` again. Closing twice does nothing."""
+    async def __aenter__(self) -> Self:
+        """Connects."""
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Closes."""
+
+class InferStream:
+    """A stream of the asyncio client. ``send`` queues a request and returns its id; answers come
+    in the server's order, each as ``(id, output)`` (one output: a ``TensorBuffer``; several: a
+    dict by name). A request the server rejected raises from the ``next()`` that reaches its
+    answer; if the stream breaks, each unanswered request raises ``ConnectionLostError``. One
+    call uses the stream at a time: a ``next()`` waiting for an answer delays a ``send()`` until
+    that answer came, so send, then read."""
+
+    async def send(self, input: _Tensor | Mapping[str, _Tensor]) -> int: ...
+    async def next(self) -> tuple[int, TensorBuffer | dict[str, TensorBuffer]] | None:
+        """The next answer; None once every request was answered after ``close_send()``."""
+    async def close_send(self) -> None:
+        """Ends the sending side; answers to requests already sent still come."""
+    def __aiter__(self) -> Self: ...
+    async def __anext__(self) -> tuple[int, TensorBuffer | dict[str, TensorBuffer]]: ...
+
+class BlockingModelWorkerClient:
+    """``ModelWorkerClient`` with calls that block (the GIL released while they wait); ``with``
+    connects and closes."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout: float | None = None,
+        inline_threshold: int | None = None,
+    ) -> None: ...
+    @property
+    def endpoint(self) -> str | None: ...
+    def connect(self) -> None: ...
+    @overload
+    def infer(
+        self, input: _Tensor, *, model: str | None = None, timeout: float | None = None
+    ) -> TensorBuffer: ...
+    @overload
+    def infer(
+        self,
+        input: Mapping[str, _Tensor],
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, TensorBuffer]: ...
+    def infer_stream(self, *, model: str | None = None) -> BlockingInferStream: ...
+    def health_check(self) -> bool: ...
+    def status(self, model: str | None = None) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None: ...
+
+class BlockingInferStream:
+    """``InferStream`` of the blocking client; ``for id, output in stream`` reads to the end."""
+
+    def send(self, input: _Tensor | Mapping[str, _Tensor]) -> int: ...
+    def next(self) -> tuple[int, TensorBuffer | dict[str, TensorBuffer]] | None: ...
+    def close_send(self) -> None: ...
+    def __iter__(self) -> Iterator[tuple[int, TensorBuffer | dict[str, TensorBuffer]]]: ...

@@ -5,10 +5,12 @@
 //! those types, and adds what only a Python binding needs: Python loaders, NumPy and DLPack views
 //! of tensor bytes, and Python exceptions.
 //!
-//! The registry's loads and its TTL sweeper run on a tokio runtime. Python has none, so the
-//! extension owns one: a multi-thread runtime with one worker thread, started on the first
-//! registry call and kept for the life of the process (see [`runtime`]).
+//! The registry's loads and its TTL sweeper, and the model-worker client's calls, run on a tokio
+//! runtime. Python has none, so the extension owns one: a multi-thread runtime with one worker
+//! thread, started on the first registry or client call and kept for the life of the process
+//! (see [`runtime`]).
 
+mod client;
 mod dlpack;
 mod errors;
 mod registry;
@@ -18,12 +20,13 @@ use std::sync::OnceLock;
 
 use pyo3::prelude::*;
 
-/// The extension's tokio runtime, shared by every registry in the process.
+/// The extension's tokio runtime, shared by every registry and client in the process.
 ///
-/// One worker thread is enough: it only runs the TTL sweeper and wakes waiting callers; Python
+/// One worker thread is enough: it runs the TTL sweeper, wakes waiting callers and drives the
+/// clients' gRPC connections (I/O bound; tensors go by reference or as shared bytes); Python
 /// loaders run on the runtime's blocking pool (one thread per concurrent load), and callers wait
 /// in `block_on` on their own threads with the GIL released. A runtime does not survive `fork`:
-/// a child process forked after the first registry call must not use a registry (use the
+/// a child process forked after the first registry or client call must not use either (use the
 /// `spawn` start method of `multiprocessing`).
 fn runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -32,8 +35,8 @@ fn runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name("remotemedia-registry")
-        .enable_time()
+        .thread_name("remotemedia-runtime")
+        .enable_all()
         .build()?;
     // Two first calls racing both build one; the loser's runtime, never used, is dropped here.
     Ok(RUNTIME.get_or_init(|| runtime))
@@ -44,6 +47,7 @@ fn runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
 #[pyo3(name = "core")]
 fn remotemedia_core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(module)?;
+    client::register(module)?;
     registry::register(module)?;
     tensor::register(module)?;
     Ok(())

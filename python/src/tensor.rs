@@ -249,11 +249,46 @@ impl TensorBuffer {
         }
     }
 
+    /// A Python tensor over core's tensor (a client's answer).
+    pub(crate) fn from_core(tensor: core::TensorBuffer) -> Self {
+        Self::new(Bytes::Core(tensor))
+    }
+
     fn held(&self) -> PyResult<&Held> {
         self.held
             .as_ref()
             .ok_or_else(|| errors::raise(Kind::Tensor, "failed to use tensor: it was freed"))
     }
+}
+
+/// core's tensor of the same bytes, for the model-worker client, which takes its inputs by value:
+/// a tensor in shared memory is opened again by region id (a second mapping of the same pages, so
+/// the client can send it by reference); any other tensor, and any array NumPy accepts, is copied
+/// once to the heap, as the bytes it sends inline.
+pub(crate) fn to_core(object: &Bound<'_, PyAny>) -> PyResult<core::TensorBuffer> {
+    if let Ok(tensor) = object.cast::<TensorBuffer>() {
+        let tensor = tensor.borrow();
+        let bytes = lock(tensor.held()?);
+        let shape = bytes.shape().to_vec();
+        let dtype = bytes.dtype();
+        return match bytes.shared() {
+            Some(storage) => {
+                let region_id = storage.region_id().map_err(errors::tensor_error)?;
+                core::TensorBuffer::from_shared_memory(
+                    region_id.as_str(),
+                    storage.offset(),
+                    bytes.byte_len(),
+                    shape,
+                    dtype,
+                )
+            }
+            None => core::TensorBuffer::copy_from_bytes(bytes.as_bytes(), shape, dtype),
+        }
+        .map_err(errors::tensor_error);
+    }
+    let view = import_dlpack(&contiguous_numpy(object)?)?;
+    core::TensorBuffer::copy_from_bytes(view.bytes(), view.shape().to_vec(), view.dtype())
+        .map_err(errors::tensor_error)
 }
 
 /// Makes `data` a C-contiguous NumPy array (a copy only if it was not), for copying from.

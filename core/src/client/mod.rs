@@ -260,8 +260,15 @@ impl ModelWorkerClient {
     /// The node sidecar named by `REMOTEMEDIA_SIDECAR` (its socket directory, e.g.
     /// `unix:///run/remotemedia`); `Ok(None)` when the variable is unset.
     pub async fn from_env() -> Result<Option<Self>, ClientError> {
+        Self::from_env_with(ClientConfig::default()).await
+    }
+
+    /// [`ModelWorkerClient::from_env`] with a configuration.
+    pub async fn from_env_with(config: ClientConfig) -> Result<Option<Self>, ClientError> {
         match std::env::var(crate::shm::broker::SIDECAR_ENV) {
-            Ok(value) => Self::connect(&sidecar_endpoint(&value)?).await.map(Some),
+            Ok(value) => Self::connect_with(&sidecar_endpoint(&value)?, config)
+                .await
+                .map(Some),
             Err(std::env::VarError::NotPresent) => Ok(None),
             Err(std::env::VarError::NotUnicode(_)) => Err(ClientError::InvalidEndpoint {
                 endpoint: crate::shm::broker::SIDECAR_ENV.to_owned(),
