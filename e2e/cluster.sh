@@ -41,6 +41,17 @@ alive() {
   [[ -r /proc/$pid/cmdline ]] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$state/"
 }
 
+# running NAME: the process `start` recorded has not exited (a zombie counts as exited). Used while
+# starting: the process is then this shell's child, so its pid cannot have been reused, and between
+# fork and exec its command line is still this shell's, which `alive` would take for a stranger's
+# (that window, under load, failed start-ups with an empty log).
+running() {
+  local pid state
+  pid=$(pid_of "$1") || return 1
+  state=$(sed -E 's/^.*\) ([A-Za-z]).*$/\1/' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [[ -n $state && $state != Z ]]
+}
+
 pid_of() {
   [[ -f $pids ]] && awk -v n="$1" '$1 == n { print $2; found = 1 } END { exit !found }' "$pids"
 }
@@ -157,7 +168,7 @@ wait_healthy() {
   local name=$1 url=$2 deadline=$((SECONDS + 90))
   shift 2
   until curl -fsS --max-time 2 "$@" "$url" >/dev/null 2>&1; do
-    alive "$name" || fail "$name exited during start-up; see $logs/$name.log"
+    running "$name" || fail "$name exited during start-up; see $logs/$name.log"
     ((SECONDS < deadline)) || fail "$name did not become healthy at $url within 90s"
     sleep 0.3
   done
