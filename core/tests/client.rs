@@ -6,8 +6,12 @@
 //! plain gRPC client. (`rchar` in `/proc/<pid>/io` does not count socket `recv`s, so it cannot
 //! tell.)
 
+#[path = "support/ports.rs"]
+mod ports;
+use ports::free_port;
+
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,8 +43,7 @@ impl Worker {
 
     /// Starts a worker and waits only until its gRPC port accepts connections.
     fn spawn(model_path: &str, extra: &[&str]) -> Worker {
-        let listeners = [(); 2].map(|()| TcpListener::bind("127.0.0.1:0").unwrap());
-        let [port, admin_port] = listeners.map(|l| l.local_addr().unwrap().port());
+        let [port, admin_port] = [free_port(), free_port()];
         let dir = std::env::temp_dir().join(format!("rm-client-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let child = Command::new(worker_binary())
@@ -484,11 +487,7 @@ async fn an_inference_in_flight_when_the_worker_dies_is_connection_lost_not_retr
 
 #[tokio::test]
 async fn an_unreachable_endpoint_is_worker_unavailable_after_bounded_retries_with_backoff() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = ClientConfig {
         connect_attempts: 4,
         retry_backoff: Duration::from_millis(100),
@@ -657,11 +656,7 @@ struct Sidecar(Child);
 
 impl Sidecar {
     fn start(dir: &Path) -> Sidecar {
-        let admin_port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let admin_port = free_port();
         let child = Command::new(target_binary(
             "remotemedia-sidecar",
             "run `cargo build -p remotemedia-sidecar`",

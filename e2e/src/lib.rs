@@ -5,6 +5,8 @@
 //! `nvidia.com/gpu` each and one CPU-only node.
 
 pub mod operator;
+#[path = "../../core/tests/support/ports.rs"]
+mod ports;
 
 use std::{future::Future, time::Duration};
 

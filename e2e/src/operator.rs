@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -41,14 +41,6 @@ fn binary(program: &str) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> Result<u16, Error> {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .map_err(|e| Error::Process(format!("failed to find a free port: {e}")))
-}
-
 impl Component {
     /// Starts the operator with `args` (plus `--admin-port`), logging to
     /// `$REMOTEMEDIA_E2E_LOGS/operator-<name>.log` (the temporary folder without it).
@@ -74,7 +66,7 @@ impl Component {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self, Error> {
-        let admin_port = free_port()?;
+        let admin_port = crate::ports::free_port();
         let dir =
             std::env::var_os("REMOTEMEDIA_E2E_LOGS").map_or_else(std::env::temp_dir, PathBuf::from);
         let log = dir.join(format!("{role}-{name}.log"));

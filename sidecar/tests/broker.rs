@@ -6,9 +6,12 @@
 #[path = "../../core/tests/support/built.rs"]
 mod support;
 use support::built;
+#[path = "../../core/tests/support/ports.rs"]
+mod ports;
+use ports::free_port;
 
 use std::io::{BufRead, BufReader, Lines, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -124,14 +127,6 @@ impl Drop for Sidecar {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A client process driven line by line; killed on drop.

@@ -3,6 +3,7 @@
 The binary comes from REMOTEMEDIA_WORKER_BIN, which scripts/test.sh sets after building it.
 """
 
+import itertools
 import os
 import socket
 import subprocess
@@ -16,15 +17,37 @@ import pytest
 READY_TIMEOUT_S = 30
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
+# Ports below the kernel's ephemeral range, for the same reason as core/tests/support/ports.rs:
+# a port asked of the kernel (bind to 0) and handed to a child races with the source ports of
+# every outgoing connection. Each test process walks its own stretch, skipping ports in use.
+_FIRST_PORT = 10_000
+_next_port = itertools.count()
+
+
+def _ephemeral_start():
     try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            start = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        start = 32_768
+    return max(start, _FIRST_PORT + 1_000)
+
+
+def _free_ports(count):
+    span = _ephemeral_start() - _FIRST_PORT
+    start = (os.getpid() * 7919) % span
+    ports = []
+    for _ in range(span):
+        port = _FIRST_PORT + (start + next(_next_port)) % span
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free TCP ports between {_FIRST_PORT} and the ephemeral range")
 
 
 class Worker:

@@ -15,13 +15,16 @@
 
 use std::{
     hint::black_box,
-    net::TcpListener,
     num::NonZeroUsize,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
+
+#[path = "../../core/tests/support/ports.rs"]
+mod ports;
+use ports::free_port;
 
 use bytes::Bytes;
 use remotemedia_model_worker::{
@@ -87,12 +90,7 @@ struct Worker {
 
 impl Worker {
     async fn start(model_path: &str, extra: &[&str]) -> Result<Worker> {
-        let ports = [(); 2].map(|()| TcpListener::bind("127.0.0.1:0"));
-        let [port, admin_port] = match &ports {
-            [Ok(a), Ok(b)] => [a.local_addr()?.port(), b.local_addr()?.port()],
-            _ => return Err("failed to find free ports".into()),
-        };
-        drop(ports);
+        let [port, admin_port] = [free_port(), free_port()];
         let child = Command::new(BINARY)
             .args(["--model-path", model_path])
             .args(["--port", &port.to_string()])

@@ -4,11 +4,12 @@
 //! `tests/drills.rs` and `benches/transport.rs`; each uses a part of it.
 #![allow(dead_code)]
 
+#[path = "../../../core/tests/support/ports.rs"]
+mod ports;
 #[path = "../../../core/tests/support/built.rs"]
 mod support;
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hyper_util::rt::TokioIo;
+pub use ports::free_port;
 use remotemedia_proto::inference::{
     InferParameter, ModelInferRequest, ModelInferResponse,
     grpc_inference_service_client::GrpcInferenceServiceClient, infer_parameter::ParameterChoice,
@@ -53,14 +55,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A child process killed on drop.

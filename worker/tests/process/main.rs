@@ -7,6 +7,8 @@ mod cases;
 mod errors;
 mod lifecycle;
 mod load;
+#[path = "../../../core/tests/support/ports.rs"]
+mod ports;
 mod rpcs;
 mod startup;
 mod support;

@@ -1,7 +1,6 @@
 //! The shared fixture: start a worker on free ports, wait for it, talk to it, stop it.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     time::{Duration, Instant},
@@ -168,10 +167,9 @@ impl Drop for Worker {
     }
 }
 
-/// Two ports free right now (held together, so they differ).
+/// Two distinct ports free right now.
 pub fn free_ports() -> [u16; 2] {
-    let listeners = [(); 2].map(|()| TcpListener::bind("127.0.0.1:0").unwrap());
-    listeners.map(|listener| listener.local_addr().unwrap().port())
+    [crate::ports::free_port(), crate::ports::free_port()]
 }
 
 /// A minimal HTTP/1.1 GET: status code and body.
