@@ -21,18 +21,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use processes::*;
 use remotemedia_proto::inference::{
-    ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
-    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
-    ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-    ServerReadyResponse, SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse,
-    SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
-    SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
+    ModelInferRequest, ModelInferResponse,
     grpc_inference_service_client::GrpcInferenceServiceClient,
-    grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer},
+    grpc_inference_service_server::GrpcInferenceServiceServer,
 };
 use remotemedia_runtime_core::shm::broker::BrokerClient;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -219,7 +213,8 @@ async fn tcp(port: u16) -> Result<GrpcInferenceServiceClient<tonic::transport::C
         .max_encoding_message_size(usize::MAX))
 }
 
-/// Serves [`Sink`] on a free loopback port from a runtime of its own, as another process would.
+/// Serves a sink (every ModelInfer answered empty) on a free loopback port from a runtime of its
+/// own, as another process would.
 fn serve_sink() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
@@ -231,7 +226,12 @@ fn serve_sink() -> Result<u16> {
     std::thread::spawn(move || {
         runtime.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
-            let service = GrpcInferenceServiceServer::new(Sink)
+            // Receives a request (decoded, as any tonic server does) and answers an empty one.
+            let sink = InferOnly(|request: Request<ModelInferRequest>| async move {
+                black_box(request.into_inner());
+                Ok(Response::new(ModelInferResponse::default()))
+            });
+            let service = GrpcInferenceServiceServer::new(sink)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX);
             tonic::transport::Server::builder()
@@ -242,77 +242,4 @@ fn serve_sink() -> Result<u16> {
         })
     });
     Ok(port)
-}
-
-/// Receives a request (decoded, as any tonic server does) and answers an empty response.
-struct Sink;
-
-type Answer<T> = std::result::Result<Response<T>, Status>;
-
-fn unimplemented<T>() -> Answer<T> {
-    Err(Status::unimplemented("the sink only takes ModelInfer"))
-}
-
-#[tonic::async_trait]
-impl GrpcInferenceService for Sink {
-    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Answer<ModelInferResponse> {
-        black_box(request.into_inner());
-        Ok(Response::new(ModelInferResponse::default()))
-    }
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Answer<ServerLiveResponse> {
-        unimplemented()
-    }
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Answer<ServerReadyResponse> {
-        unimplemented()
-    }
-    async fn model_ready(&self, _: Request<ModelReadyRequest>) -> Answer<ModelReadyResponse> {
-        unimplemented()
-    }
-    async fn server_metadata(
-        &self,
-        _: Request<ServerMetadataRequest>,
-    ) -> Answer<ServerMetadataResponse> {
-        unimplemented()
-    }
-    async fn model_metadata(
-        &self,
-        _: Request<ModelMetadataRequest>,
-    ) -> Answer<ModelMetadataResponse> {
-        unimplemented()
-    }
-    type ModelStreamInferStream =
-        tokio_stream::Empty<std::result::Result<ModelStreamInferResponse, Status>>;
-    async fn model_stream_infer(
-        &self,
-        _: Request<tonic::Streaming<ModelInferRequest>>,
-    ) -> Answer<Self::ModelStreamInferStream> {
-        unimplemented()
-    }
-    async fn model_config(&self, _: Request<ModelConfigRequest>) -> Answer<ModelConfigResponse> {
-        unimplemented()
-    }
-    async fn model_statistics(
-        &self,
-        _: Request<ModelStatisticsRequest>,
-    ) -> Answer<ModelStatisticsResponse> {
-        unimplemented()
-    }
-    async fn system_shared_memory_status(
-        &self,
-        _: Request<SystemSharedMemoryStatusRequest>,
-    ) -> Answer<SystemSharedMemoryStatusResponse> {
-        unimplemented()
-    }
-    async fn system_shared_memory_register(
-        &self,
-        _: Request<SystemSharedMemoryRegisterRequest>,
-    ) -> Answer<SystemSharedMemoryRegisterResponse> {
-        unimplemented()
-    }
-    async fn system_shared_memory_unregister(
-        &self,
-        _: Request<SystemSharedMemoryUnregisterRequest>,
-    ) -> Answer<SystemSharedMemoryUnregisterResponse> {
-        unimplemented()
-    }
 }

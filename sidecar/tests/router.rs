@@ -13,13 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use remotemedia_proto::inference::{
-    InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
-    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
-    ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-    ServerReadyResponse, SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse,
-    SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
-    SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
+    InferParameter, ModelInferRequest, ModelInferResponse, ServerLiveRequest,
+    ServerMetadataRequest, SystemSharedMemoryRegisterRequest, SystemSharedMemoryStatusRequest,
+    SystemSharedMemoryUnregisterRequest,
     grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer},
     infer_parameter::ParameterChoice,
     model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
@@ -326,10 +322,52 @@ struct Seen {
 
 /// A worker that redeems the grants it is sent itself: the first on its own session, the
 /// second on another connection.
-struct FakeWorker {
+fn fake_worker(
     own: BrokerClient,
     intruder: BrokerClient,
     seen: Arc<std::sync::Mutex<Seen>>,
+) -> GrpcInferenceServiceServer<impl GrpcInferenceService> {
+    GrpcInferenceServiceServer::new(InferOnly(move |request: Request<ModelInferRequest>| {
+        let (own, intruder, seen) = (own.clone(), intruder.clone(), seen.clone());
+        async move {
+            let header = |key| {
+                let value = request.metadata().get(key)?;
+                Some(value.to_str().unwrap().to_owned())
+            };
+            let (traceparent, timeout) = (header("traceparent"), header("grpc-timeout"));
+            let request = request.into_inner();
+            assert!(
+                !request.inputs[0].parameters.contains_key(BROKERED_REGION),
+                "an id reached the worker"
+            );
+            let input = grant_of(&request.inputs[0].parameters);
+            let output = grant_of(&request.outputs[0].parameters);
+            let (first, other) = tokio::task::spawn_blocking(move || {
+                let first = own.redeem(input).map(|redeemed| redeemed.fd.is_some());
+                let other = intruder.redeem(output).err().map(|error| error.code());
+                (first, other)
+            })
+            .await
+            .unwrap();
+            let mut seen = seen.lock().unwrap();
+            seen.grants = vec![input, output];
+            seen.first_redeemed = first.unwrap();
+            seen.other_connection = other;
+            seen.traceparent = traceparent;
+            seen.timeout = timeout;
+            Ok(tonic::Response::new(ModelInferResponse {
+                model_name: request.model_name,
+                outputs: vec![InferOutputTensor {
+                    name: "OUTPUT0".into(),
+                    datatype: "UINT8".into(),
+                    shape: vec![4096],
+                    ..Default::default()
+                }],
+                raw_output_contents: vec![Bytes::new()],
+                ..Default::default()
+            }))
+        }
+    }))
 }
 
 fn grant_of(parameters: &HashMap<String, InferParameter>) -> GrantToken {
@@ -339,126 +377,20 @@ fn grant_of(parameters: &HashMap<String, InferParameter>) -> GrantToken {
     }
 }
 
-type Answer<T> = Result<tonic::Response<T>, tonic::Status>;
-
-fn unimplemented<T>() -> Answer<T> {
-    Err(tonic::Status::unimplemented("fake worker"))
-}
-
-#[tonic::async_trait]
-impl GrpcInferenceService for FakeWorker {
-    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Answer<ModelInferResponse> {
-        let header = |key| {
-            let value = request.metadata().get(key)?;
-            Some(value.to_str().unwrap().to_owned())
-        };
-        let (traceparent, timeout) = (header("traceparent"), header("grpc-timeout"));
-        let request = request.into_inner();
-        assert!(
-            !request.inputs[0].parameters.contains_key(BROKERED_REGION),
-            "an id reached the worker"
-        );
-        let input = grant_of(&request.inputs[0].parameters);
-        let output = grant_of(&request.outputs[0].parameters);
-        let (own, intruder) = (self.own.clone(), self.intruder.clone());
-        let (first, other) = tokio::task::spawn_blocking(move || {
-            let first = own.redeem(input).map(|redeemed| redeemed.fd.is_some());
-            let other = intruder.redeem(output).err().map(|error| error.code());
-            (first, other)
-        })
-        .await
-        .unwrap();
-        let mut seen = self.seen.lock().unwrap();
-        seen.grants = vec![input, output];
-        seen.first_redeemed = first.unwrap();
-        seen.other_connection = other;
-        seen.traceparent = traceparent;
-        seen.timeout = timeout;
-        Ok(tonic::Response::new(ModelInferResponse {
-            model_name: request.model_name,
-            outputs: vec![InferOutputTensor {
-                name: "OUTPUT0".into(),
-                datatype: "UINT8".into(),
-                shape: vec![4096],
-                ..Default::default()
-            }],
-            raw_output_contents: vec![Bytes::new()],
-            ..Default::default()
-        }))
-    }
-
-    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Answer<ServerLiveResponse> {
-        unimplemented()
-    }
-    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Answer<ServerReadyResponse> {
-        unimplemented()
-    }
-    async fn model_ready(&self, _: Request<ModelReadyRequest>) -> Answer<ModelReadyResponse> {
-        unimplemented()
-    }
-    async fn server_metadata(
-        &self,
-        _: Request<ServerMetadataRequest>,
-    ) -> Answer<ServerMetadataResponse> {
-        unimplemented()
-    }
-    async fn model_metadata(
-        &self,
-        _: Request<ModelMetadataRequest>,
-    ) -> Answer<ModelMetadataResponse> {
-        unimplemented()
-    }
-    type ModelStreamInferStream =
-        tokio_stream::Empty<Result<ModelStreamInferResponse, tonic::Status>>;
-    async fn model_stream_infer(
-        &self,
-        _: Request<tonic::Streaming<ModelInferRequest>>,
-    ) -> Answer<Self::ModelStreamInferStream> {
-        unimplemented()
-    }
-    async fn model_config(&self, _: Request<ModelConfigRequest>) -> Answer<ModelConfigResponse> {
-        unimplemented()
-    }
-    async fn model_statistics(
-        &self,
-        _: Request<ModelStatisticsRequest>,
-    ) -> Answer<ModelStatisticsResponse> {
-        unimplemented()
-    }
-    async fn system_shared_memory_status(
-        &self,
-        _: Request<SystemSharedMemoryStatusRequest>,
-    ) -> Answer<SystemSharedMemoryStatusResponse> {
-        unimplemented()
-    }
-    async fn system_shared_memory_register(
-        &self,
-        _: Request<SystemSharedMemoryRegisterRequest>,
-    ) -> Answer<SystemSharedMemoryRegisterResponse> {
-        unimplemented()
-    }
-    async fn system_shared_memory_unregister(
-        &self,
-        _: Request<SystemSharedMemoryUnregisterRequest>,
-    ) -> Answer<SystemSharedMemoryUnregisterResponse> {
-        unimplemented()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_grant_is_refused_to_another_connection_and_after_its_request_finished() {
     let dir = TempDir::new("grants");
     let sidecar = Sidecar::start(&dir, &[]).await;
     let seen = Arc::new(std::sync::Mutex::new(Seen::default()));
     let own = BrokerClient::connect(&dir.0, "worker").unwrap();
-    let fake = FakeWorker {
-        own: own.clone(),
-        intruder: BrokerClient::connect(&dir.0, "intruder").unwrap(),
-        seen: seen.clone(),
-    };
+    let fake = fake_worker(
+        own.clone(),
+        BrokerClient::connect(&dir.0, "intruder").unwrap(),
+        seen.clone(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
-    let routes = tonic::service::Routes::new(GrpcInferenceServiceServer::new(fake));
+    let routes = tonic::service::Routes::new(fake);
     tokio::spawn(axum::serve(listener, routes.into_axum_router()).into_future());
     sidecar.discover_ports(&[("fake", port, NODE)]);
 

@@ -19,8 +19,15 @@ use bytes::Bytes;
 use hyper_util::rt::TokioIo;
 pub use ports::free_port;
 use remotemedia_proto::inference::{
-    InferParameter, ModelInferRequest, ModelInferResponse,
-    grpc_inference_service_client::GrpcInferenceServiceClient, infer_parameter::ParameterChoice,
+    InferParameter, ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse,
+    ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse,
+    ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse,
+    SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
+    SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
+    grpc_inference_service_client::GrpcInferenceServiceClient,
+    grpc_inference_service_server::GrpcInferenceService, infer_parameter::ParameterChoice,
     model_infer_request::InferInputTensor,
 };
 use remotemedia_proto::params::{
@@ -29,8 +36,8 @@ use remotemedia_proto::params::{
 use remotemedia_runtime_core::shm::broker::{BrokerClient, RegionHandle, RegionKey};
 use remotemedia_runtime_core::shm::{Access, Region};
 pub use support::built;
-use tonic::Request;
 use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Response, Status};
 
 pub const MIB: usize = 1 << 20;
 /// Room for a 256 MiB tensor inline, on both the sidecar and the worker.
@@ -380,4 +387,82 @@ pub fn checksum(response: &ModelInferResponse) -> u64 {
 
 pub fn expected_sum(bytes: &[u8]) -> u64 {
     bytes.iter().map(|&b| u64::from(b)).sum()
+}
+
+pub type Answer<T> = Result<Response<T>, Status>;
+
+/// A gRPC inference server in this process that answers ModelInfer with its function and every
+/// other RPC with UNIMPLEMENTED: the transport benchmark's sink, the router tests' fake worker.
+pub struct InferOnly<F>(pub F);
+
+fn unimplemented<T>() -> Answer<T> {
+    Err(Status::unimplemented(
+        "this test server answers only ModelInfer",
+    ))
+}
+
+#[tonic::async_trait]
+impl<F, Fut> GrpcInferenceService for InferOnly<F>
+where
+    F: Fn(Request<ModelInferRequest>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Answer<ModelInferResponse>> + Send + 'static,
+{
+    async fn model_infer(&self, request: Request<ModelInferRequest>) -> Answer<ModelInferResponse> {
+        (self.0)(request).await
+    }
+    async fn server_live(&self, _: Request<ServerLiveRequest>) -> Answer<ServerLiveResponse> {
+        unimplemented()
+    }
+    async fn server_ready(&self, _: Request<ServerReadyRequest>) -> Answer<ServerReadyResponse> {
+        unimplemented()
+    }
+    async fn model_ready(&self, _: Request<ModelReadyRequest>) -> Answer<ModelReadyResponse> {
+        unimplemented()
+    }
+    async fn server_metadata(
+        &self,
+        _: Request<ServerMetadataRequest>,
+    ) -> Answer<ServerMetadataResponse> {
+        unimplemented()
+    }
+    async fn model_metadata(
+        &self,
+        _: Request<ModelMetadataRequest>,
+    ) -> Answer<ModelMetadataResponse> {
+        unimplemented()
+    }
+    type ModelStreamInferStream = tokio_stream::Empty<Result<ModelStreamInferResponse, Status>>;
+    async fn model_stream_infer(
+        &self,
+        _: Request<tonic::Streaming<ModelInferRequest>>,
+    ) -> Answer<Self::ModelStreamInferStream> {
+        unimplemented()
+    }
+    async fn model_config(&self, _: Request<ModelConfigRequest>) -> Answer<ModelConfigResponse> {
+        unimplemented()
+    }
+    async fn model_statistics(
+        &self,
+        _: Request<ModelStatisticsRequest>,
+    ) -> Answer<ModelStatisticsResponse> {
+        unimplemented()
+    }
+    async fn system_shared_memory_status(
+        &self,
+        _: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Answer<SystemSharedMemoryStatusResponse> {
+        unimplemented()
+    }
+    async fn system_shared_memory_register(
+        &self,
+        _: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Answer<SystemSharedMemoryRegisterResponse> {
+        unimplemented()
+    }
+    async fn system_shared_memory_unregister(
+        &self,
+        _: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Answer<SystemSharedMemoryUnregisterResponse> {
+        unimplemented()
+    }
 }
