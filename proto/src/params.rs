@@ -18,6 +18,10 @@
 //! 3. An output written into a brokered region comes back carrying the same three parameters and
 //!    an empty `raw_output_contents` entry, as the worker answers for Triton's shared memory.
 
+use std::collections::HashMap;
+
+use crate::inference::{InferParameter, infer_parameter::ParameterChoice};
+
 /// Triton: the registered region an input is read from or an output is written to.
 pub const SHARED_MEMORY_REGION: &str = "shared_memory_region";
 /// Triton: byte offset within the registered range (int64 or uint64).
@@ -40,3 +44,22 @@ pub const BROKERED_BYTE_SIZE: &str = "remotemedia_byte_size";
 /// (the node sidecar, on its Unix socket only); clients send brokered references only to such a
 /// server.
 pub const BROKERED_EXTENSION: &str = "remotemedia_brokered_shared_memory";
+
+/// The unsigned integer parameter `key` (an offset or a byte size, which clients send as int64
+/// or uint64), if present. The error is the reason, for the caller's own error type.
+pub fn unsigned(
+    parameters: &HashMap<String, InferParameter>,
+    key: &str,
+) -> Result<Option<u64>, String> {
+    match parameters
+        .get(key)
+        .and_then(|parameter| parameter.parameter_choice.as_ref())
+    {
+        None => Ok(None),
+        Some(ParameterChoice::Int64Param(value)) => u64::try_from(*value)
+            .map(Some)
+            .map_err(|_| format!("{key} is negative")),
+        Some(ParameterChoice::Uint64Param(value)) => Ok(Some(*value)),
+        Some(_) => Err(format!("{key} must be an integer")),
+    }
+}

@@ -449,19 +449,7 @@ fn shared_memory_ref(
             )));
         }
     };
-    let number = |key: &str| -> Result<Option<u64>, DecodeError> {
-        match parameters
-            .get(key)
-            .and_then(|parameter| parameter.parameter_choice.as_ref())
-        {
-            None => Ok(None),
-            Some(ParameterChoice::Int64Param(value)) => u64::try_from(*value)
-                .map(Some)
-                .map_err(|_| invalid(format!("{key} is negative"))),
-            Some(ParameterChoice::Uint64Param(value)) => Ok(Some(*value)),
-            Some(_) => Err(invalid(format!("{key} must be an integer"))),
-        }
-    };
+    let number = |key: &str| remotemedia_proto::params::unsigned(parameters, key).map_err(&invalid);
     let offset = number(OFFSET_PARAMETER)?.unwrap_or(0);
     let byte_size = number(BYTE_SIZE_PARAMETER)?
         .ok_or_else(|| invalid(format!("{BYTE_SIZE_PARAMETER} is required")))?;

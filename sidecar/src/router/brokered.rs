@@ -346,19 +346,7 @@ fn hold(
         Some(ParameterChoice::StringParam(id)) => id.clone(),
         _ => return Err(bad(format!("{BROKERED_REGION} must be a string"))),
     };
-    let number = |key: &str| -> Result<Option<u64>, BrokeredError> {
-        match parameters
-            .get(key)
-            .and_then(|p| p.parameter_choice.as_ref())
-        {
-            None => Ok(None),
-            Some(ParameterChoice::Int64Param(value)) => u64::try_from(*value)
-                .map(Some)
-                .map_err(|_| bad(format!("{key} is negative"))),
-            Some(ParameterChoice::Uint64Param(value)) => Ok(Some(*value)),
-            Some(_) => Err(bad(format!("{key} must be an integer"))),
-        }
-    };
+    let number = |key: &str| remotemedia_proto::params::unsigned(parameters, key).map_err(&bad);
     let offset = number(BROKERED_OFFSET)?.unwrap_or(0);
     let byte_size = number(BROKERED_BYTE_SIZE)?
         .ok_or_else(|| bad(format!("{BROKERED_BYTE_SIZE} is required")))?;

@@ -156,19 +156,7 @@ fn reference(
             )));
         }
     };
-    let number = |key: &str| -> Result<Option<u64>, NamedError> {
-        match parameters
-            .get(key)
-            .and_then(|p| p.parameter_choice.as_ref())
-        {
-            None => Ok(None),
-            Some(ParameterChoice::Int64Param(value)) => u64::try_from(*value)
-                .map(Some)
-                .map_err(|_| bad(format!("{key} is negative"))),
-            Some(ParameterChoice::Uint64Param(value)) => Ok(Some(*value)),
-            Some(_) => Err(bad(format!("{key} must be an integer"))),
-        }
-    };
+    let number = |key: &str| remotemedia_proto::params::unsigned(parameters, key).map_err(&bad);
     let offset = number(SHARED_MEMORY_OFFSET)?.unwrap_or(0);
     let byte_size = number(SHARED_MEMORY_BYTE_SIZE)?
         .ok_or_else(|| bad(format!("{SHARED_MEMORY_BYTE_SIZE} is required")))?;
