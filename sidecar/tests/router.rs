@@ -617,3 +617,45 @@ async fn unregistering_a_named_region_waits_for_the_request_writing_into_it() {
     );
     infer.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_region_its_client_released_leaves_the_workers_cache_at_the_next_request() {
+    let dir = TempDir::new("orphans");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let near = Worker::start(&dir, "near", "builtin://checksum", Some(&dir.0)).await;
+    sidecar.discover(&[("near", &near, NODE)]);
+    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
+    let mut client = sidecar.unix_client().await;
+    let (first, first_map) = region(&broker, MIB, |i| (i % 7) as u8);
+    let (second, second_map) = region(&broker, MIB, |i| (i % 5) as u8);
+    let mut infer = async |key, map: &Region| {
+        let response = client
+            .model_infer(with_session(brokered_request("near", key, 0, MIB), &broker))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(checksum(&response), expected_sum(&map.as_slice()[..MIB]));
+    };
+    let regions = async || sidecar.metric("remotemedia_sidecar_shm_regions").await;
+
+    infer(first.key(), &first_map).await;
+    let one = near.memfd_mappings();
+    infer(second.key(), &second_map).await;
+    let two = near.memfd_mappings();
+    assert!(two > one, "the worker maps each region it is granted");
+    assert_eq!(regions().await, 2.0);
+
+    drop((first, first_map));
+    assert_eq!(
+        regions().await,
+        2.0,
+        "the worker's cache still holds the released region"
+    );
+    infer(second.key(), &second_map).await;
+    assert_eq!(
+        near.memfd_mappings(),
+        one,
+        "the released region is still mapped"
+    );
+    assert_eq!(regions().await, 1.0, "the released region is still alive");
+}

@@ -6,7 +6,11 @@
 //! outputs written into the client's pages, exactly as for Triton's system shared memory.
 //!
 //! The cache keeps at most [`CACHED_REGIONS`] regions; the least recently used one beyond that
-//! is forgotten at the broker (its hold dropped), so regions that clients release are freed.
+//! is forgotten at the broker (its hold dropped). Each redemption's reply also names the
+//! cached regions that nobody else holds any more (their clients released them or died) and
+//! no request uses: those are unmapped and forgotten at once, so a released region's memory
+//! goes back to the node instead of living on in this cache. (A worker that gets no more
+//! requests keeps its mappings until the next one.)
 //! After a broker restart the session is new and old handles mean nothing: the cache is
 //! emptied when the session token changes.
 
@@ -220,9 +224,16 @@ impl Granted {
                 });
             }
         };
-        let evicted = evict(&mut cache);
+        let mut dropped = evict(&mut cache);
+        for orphan in redeemed.orphaned {
+            // The mapping goes when the last request using it drops its Arc.
+            cache.regions.remove(&orphan);
+            if !dropped.contains(&orphan) {
+                dropped.push(orphan);
+            }
+        }
         drop(cache);
-        for handle in evicted {
+        for handle in dropped {
             if let Err(error) = self.client.forget(handle) {
                 tracing::warn!(%error, "failed to forget a cached region");
             }

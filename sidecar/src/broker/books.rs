@@ -107,6 +107,19 @@ pub struct Grant {
     pub fd: Arc<OwnedFd>,
 }
 
+/// What a Redeem gives a session.
+#[derive(Debug)]
+pub struct Redemption {
+    /// The region within the session: the same for every grant of it while the session holds it.
+    pub handle: RegionHandleId,
+    pub size: NonZeroU64,
+    /// The descriptor, only when the session did not hold the region yet.
+    pub fd: Option<Arc<OwnedFd>>,
+    /// The session's other handles whose regions nobody else holds and no request uses: a
+    /// worker's cache would otherwise keep a released region alive, and mapped, on its own.
+    pub orphaned: Vec<RegionHandleId>,
+}
+
 /// Node-wide totals, for metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeTotals {
@@ -444,11 +457,7 @@ impl Books {
     /// lives, and only for the session that redeemed the first grant of its request. A region
     /// the session already holds through Redeem comes back as the same handle, without the
     /// descriptor. Every refusal is the same NOT_FOUND, so a guessed grant learns nothing.
-    pub fn redeem(
-        &self,
-        session: SessionId,
-        grant: GrantToken,
-    ) -> Result<(RegionHandleId, NonZeroU64, Option<Arc<OwnedFd>>), Refusal> {
+    pub fn redeem(&self, session: SessionId, grant: GrantToken) -> Result<Redemption, Refusal> {
         let mut state = self.state();
         let state = &mut *state;
         let issued = state.grants.get(&grant).ok_or_else(not_found)?;
@@ -489,7 +498,24 @@ impl Books {
                 other.redeemer = Some(session);
             }
         }
-        Ok(reply)
+        let (handle, size, fd) = reply;
+        let orphaned = state.sessions[&session]
+            .handles
+            .iter()
+            .filter(|(other, key)| {
+                **other != handle
+                    && state.regions.get(key).is_some_and(|region| {
+                        region.in_flight == 0 && region.holders.keys().eq([&session])
+                    })
+            })
+            .map(|(other, _)| *other)
+            .collect();
+        Ok(Redemption {
+            handle,
+            size,
+            fd,
+            orphaned,
+        })
     }
 
     /// Drops the hold a Redeem gave `session` on the region it knows as `handle` (Forget).

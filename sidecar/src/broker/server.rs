@@ -149,9 +149,16 @@ fn handle(
             .adopt(session, key, size, label, owner, fd)
             .map(|()| Response::Adopted),
         Request::Stats => Ok(Response::Stats(books.stats(session))),
-        Request::Redeem { grant } => books
-            .redeem(session, grant)
-            .map(|(handle, size, fd)| Response::Redeemed { handle, size, fd }),
+        Request::Redeem { grant } => {
+            books
+                .redeem(session, grant)
+                .map(|redemption| Response::Redeemed {
+                    handle: redemption.handle,
+                    size: redemption.size,
+                    fd: redemption.fd,
+                    orphaned: redemption.orphaned,
+                })
+        }
         Request::Forget { handle } => books.forget(session, handle).map(|()| Response::Forgotten),
         Request::Hello { .. } => return None,
     };

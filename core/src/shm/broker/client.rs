@@ -149,6 +149,9 @@ pub struct Redeemed {
     pub size: NonZeroU64,
     /// The sealed memfd, only when the session did not hold the region yet (checked).
     pub fd: Option<OwnedFd>,
+    /// Other handles of this session whose regions only this session still holds and no
+    /// request uses: unmap them and [`BrokerClient::forget`] them.
+    pub orphaned: Vec<RegionHandleId>,
 }
 
 impl BrokerClient {
@@ -236,11 +239,21 @@ impl BrokerClient {
     pub fn redeem(&self, grant: GrantToken) -> Result<Redeemed, BrokerError> {
         const OP: &str = "redeem a region grant";
         match self.shared.call(OP, &Request::Redeem { grant })? {
-            Response::Redeemed { handle, size, fd } => {
+            Response::Redeemed {
+                handle,
+                size,
+                fd,
+                orphaned,
+            } => {
                 if let Some(fd) = &fd {
                     memfd::verify(fd.as_fd(), size.get())?;
                 }
-                Ok(Redeemed { handle, size, fd })
+                Ok(Redeemed {
+                    handle,
+                    size,
+                    fd,
+                    orphaned,
+                })
             }
             other => Err(unexpected(OP, &other)),
         }

@@ -155,11 +155,13 @@ pub enum Response<F> {
     Released,
     Adopted,
     Stats(SessionStats),
-    /// The descriptor comes only when the session did not hold the region yet.
+    /// The descriptor comes only when the session did not hold the region yet. `orphaned`:
+    /// the session's other handles that only it still holds (see the protocol).
     Redeemed {
         handle: RegionHandleId,
         size: NonZeroU64,
         fd: Option<F>,
+        orphaned: Vec<RegionHandleId>,
     },
     Forgotten,
     Error(Refusal),
@@ -406,13 +408,23 @@ pub fn decode_response<F>(bytes: &[u8], fds: Vec<F>) -> Result<Response<F>, Pack
         Kind::Redeem(redeem) => {
             let handle = handle(redeem.handle)?;
             let size = size(redeem.size)?;
+            let orphaned = redeem
+                .orphaned
+                .iter()
+                .map(|orphan| self::handle(*orphan))
+                .collect::<Result<_, _>>()?;
             let fd = if redeem.attached {
                 Some(one_descriptor("redeem reply", fds)?)
             } else {
                 no_descriptors("redeem reply", fds)?;
                 None
             };
-            Response::Redeemed { handle, size, fd }
+            Response::Redeemed {
+                handle,
+                size,
+                fd,
+                orphaned,
+            }
         }
         Kind::Forget(pb::ForgetReply {}) => {
             no_descriptors("forget reply", fds)?;
@@ -528,10 +540,16 @@ impl<F> Response<F> {
                     })
                     .collect(),
             }),
-            Self::Redeemed { handle, size, fd } => Kind::Redeem(pb::RedeemReply {
+            Self::Redeemed {
+                handle,
+                size,
+                fd,
+                orphaned,
+            } => Kind::Redeem(pb::RedeemReply {
                 handle: handle.0.get(),
                 size: size.get(),
                 attached: fd.is_some(),
+                orphaned: orphaned.iter().map(|orphan| orphan.0.get()).collect(),
             }),
             Self::Forgotten => Kind::Forget(pb::ForgetReply {}),
             Self::Error(refusal) => Kind::Error(pb::Error {
@@ -658,13 +676,21 @@ mod tests {
     }
 
     fn response_strategy() -> impl Strategy<Value = Response<u8>> {
-        (1..=u64::MAX, 1..=MAX_REGION_BYTES, any::<Option<u8>>()).prop_map(|(handle, size, fd)| {
-            Response::Redeemed {
+        (
+            1..=u64::MAX,
+            1..=MAX_REGION_BYTES,
+            any::<Option<u8>>(),
+            proptest::collection::vec(1..=u64::MAX, 0..4),
+        )
+            .prop_map(|(handle, size, fd, orphaned)| Response::Redeemed {
                 handle: RegionHandleId(nz(handle)),
                 size: nz(size),
                 fd,
-            }
-        })
+                orphaned: orphaned
+                    .into_iter()
+                    .map(|h| RegionHandleId(nz(h)))
+                    .collect(),
+            })
     }
 
     fn fds_of<F: Copy>(request: &Request<F>) -> Vec<F> {
@@ -701,6 +727,18 @@ mod tests {
         };
         assert!(matches!(
             decode_request::<u8>(&forget.encode_to_vec(), vec![]),
+            Err(PacketError::ZeroHandle)
+        ));
+        let orphan_zero = pb::Response {
+            kind: Some(pb::response::Kind::Redeem(pb::RedeemReply {
+                handle: 1,
+                size: 4096,
+                attached: false,
+                orphaned: vec![2, 0],
+            })),
+        };
+        assert!(matches!(
+            decode_response::<u8>(&orphan_zero.encode_to_vec(), vec![]),
             Err(PacketError::ZeroHandle)
         ));
     }

@@ -290,9 +290,12 @@ fn a_grant_is_honoured_once_and_only_while_its_request_is_in_flight() {
     let mut hold = books.hold(&client.token, key).unwrap();
     let group = books.grant_group();
     let grant = hold.grant(group).unwrap();
-    let (_, redeemed_size, fd) = books.redeem(worker, grant).unwrap();
-    assert_eq!(redeemed_size.get(), 4096);
-    assert!(fd.is_some(), "first redemption carries the descriptor");
+    let redeemed = books.redeem(worker, grant).unwrap();
+    assert_eq!(redeemed.size.get(), 4096);
+    assert!(
+        redeemed.fd.is_some(),
+        "first redemption carries the descriptor"
+    );
     assert_eq!(code(books.redeem(worker, grant)), ErrorCode::NotFound);
     let unused = hold.grant(group).unwrap();
     drop(hold);
@@ -325,11 +328,11 @@ fn a_region_the_session_holds_comes_back_as_its_handle_without_a_descriptor() {
         let grant = hold.grant(books.grant_group()).unwrap();
         books.redeem(worker, grant).unwrap()
     };
-    let (first, _, fd) = redeem();
-    assert!(fd.is_some());
-    let (again, _, fd) = redeem();
-    assert_eq!(again, first);
-    assert!(fd.is_none(), "the cached mapping is reused");
+    let first = redeem();
+    assert!(first.fd.is_some());
+    let again = redeem();
+    assert_eq!(again.handle, first.handle);
+    assert!(again.fd.is_none(), "the cached mapping is reused");
     assert_eq!(books.stats(worker).held_regions, 1);
 }
 
@@ -339,11 +342,43 @@ fn forget_drops_the_workers_hold_and_the_region_goes_with_the_last_holder() {
     let (client, key, worker) = client_and_worker(&books);
     let mut hold = books.hold(&client.token, key).unwrap();
     let grant = hold.grant(books.grant_group()).unwrap();
-    let (handle, _, _) = books.redeem(worker, grant).unwrap();
+    let handle = books.redeem(worker, grant).unwrap().handle;
     drop(hold);
     books.close_session(client.id);
     assert_eq!(books.totals().regions, 1, "the worker still holds it");
     books.forget(worker, handle).unwrap();
     assert_eq!(books.totals().regions, 0);
     assert_eq!(code(books.forget(worker, handle)), ErrorCode::NotFound);
+}
+
+#[test]
+fn a_redemption_names_the_sessions_handles_that_nobody_else_holds_any_more() {
+    let books = books(limits());
+    let (client, released, worker) = client_and_worker(&books);
+    let kept = books
+        .allocate(client.id, size(4096), String::new())
+        .unwrap()
+        .key;
+    let redeem = |key| {
+        let mut hold = books.hold(&client.token, key).unwrap();
+        let grant = hold.grant(books.grant_group()).unwrap();
+        books.redeem(worker, grant).unwrap()
+    };
+    // A request uses `released` while its client lets it go.
+    let mut in_flight = books.hold(&client.token, released).unwrap();
+    let gone = books
+        .redeem(worker, in_flight.grant(books.grant_group()).unwrap())
+        .unwrap()
+        .handle;
+    assert!(redeem(kept).orphaned.is_empty(), "the client holds both");
+    books.release(client.id, released).unwrap();
+    assert!(
+        redeem(kept).orphaned.is_empty(),
+        "a region a request is using is not orphaned"
+    );
+    drop(in_flight);
+    assert_eq!(redeem(kept).orphaned, [gone]);
+    books.forget(worker, gone).unwrap();
+    assert_eq!(books.totals().regions, 1, "only `kept` is left");
+    assert!(redeem(kept).orphaned.is_empty());
 }
