@@ -50,41 +50,35 @@ def _free_ports(count):
     raise RuntimeError(f"no {count} free TCP ports between {_FIRST_PORT} and the ephemeral range")
 
 
-class Worker:
-    def __init__(self, model_path, *extra):
-        binary = os.environ.get("REMOTEMEDIA_WORKER_BIN")
-        if not binary:
-            pytest.fail("REMOTEMEDIA_WORKER_BIN is not set; run the tests through `make test`")
+class ServerProcess:
+    """A server binary of ours run as a child: stderr kept in a temporary folder of its own,
+    ready when its admin port answers /readyz, stopped with SIGTERM (a non-zero exit fails)."""
+
+    def __init__(self, name, env_var):
+        self.name = name
+        self.binary = os.environ.get(env_var)
+        if not self.binary:
+            pytest.fail(f"{env_var} is not set; run the tests through `make test`")
         self.port, self.admin_port = _free_ports(2)
         self.dir = tempfile.TemporaryDirectory()
         self.stderr = open(os.path.join(self.dir.name, "stderr"), "w+")
+
+    def _start(self, args):
         self.process = subprocess.Popen(
-            [
-                binary,
-                "--model-path", model_path,
-                "--port", str(self.port),
-                "--admin-port", str(self.admin_port),
-                "--termination-log", os.path.join(self.dir.name, "termination-log"),
-                "--drain-delay", "0s",
-                *extra,
-            ],
+            [self.binary, "--admin-port", str(self.admin_port), *args],
             stdout=subprocess.DEVNULL,
             stderr=self.stderr,
         )
-        self.url = f"localhost:{self.port}"
-        self._wait_ready()
-
-    def _wait_ready(self):
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                pytest.fail(f"worker exited with {self.process.returncode}: {self.log()}")
+                pytest.fail(f"{self.name} exited with {self.process.returncode}: {self.log()}")
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=1):
                     return
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.05)
-        pytest.fail(f"worker not ready: {self.log()}")
+        pytest.fail(f"{self.name} not ready: {self.log()}")
 
     def log(self):
         self.stderr.seek(0)
@@ -99,7 +93,22 @@ class Worker:
                 self.process.kill()
             self.stderr.close()
             self.dir.cleanup()
-        assert code == 0, f"worker exited with {code}"
+        assert code == 0, f"{self.name} exited with {code}"
+
+
+class Worker(ServerProcess):
+    def __init__(self, model_path, *extra):
+        super().__init__("worker", "REMOTEMEDIA_WORKER_BIN")
+        self.url = f"localhost:{self.port}"
+        self._start(
+            [
+                "--model-path", model_path,
+                "--port", str(self.port),
+                "--termination-log", os.path.join(self.dir.name, "termination-log"),
+                "--drain-delay", "0s",
+                *extra,
+            ]
+        )
 
 
 @pytest.fixture(scope="module")

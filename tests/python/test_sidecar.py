@@ -3,11 +3,6 @@ from a static file: inline tensors, and Triton's system shared memory when the s
 (the sidecar reads the client's region and forwards the bytes inline)."""
 
 import os
-import subprocess
-import tempfile
-import time
-import urllib.error
-import urllib.request
 import uuid
 
 import numpy as np
@@ -15,63 +10,28 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 
-from conftest import READY_TIMEOUT_S, Worker, _free_ports
+from conftest import ServerProcess, Worker
 
 
-class Sidecar:
+class Sidecar(ServerProcess):
     def __init__(self, workers, *extra):
-        binary = os.environ.get("REMOTEMEDIA_SIDECAR_BIN")
-        if not binary:
-            pytest.fail("REMOTEMEDIA_SIDECAR_BIN is not set; run the tests through `make test`")
-        self.port, self.admin_port = _free_ports(2)
-        self.dir = tempfile.TemporaryDirectory()
+        super().__init__("sidecar", "REMOTEMEDIA_SIDECAR_BIN")
         discovery = os.path.join(self.dir.name, "workers.yaml")
         with open(discovery, "w") as file:
             for model, port, node in workers:
                 file.write(f"- {{model: {model}, address: '127.0.0.1:{port}', node: {node}}}\n")
-        self.stderr = open(os.path.join(self.dir.name, "stderr"), "w+")
-        self.process = subprocess.Popen(
+        self.url = f"127.0.0.1:{self.port}"
+        self._start(
             [
-                binary,
                 "--socket-dir", self.dir.name,
                 "--admin-address", "127.0.0.1",
-                "--admin-port", str(self.admin_port),
                 "--port", str(self.port),
                 "--discovery", "static",
                 "--workers", discovery,
                 "--node-name", "node-a",
                 *extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=self.stderr,
+            ]
         )
-        self.url = f"127.0.0.1:{self.port}"
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"sidecar exited with {self.process.returncode}: {self.log()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/readyz", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"sidecar not ready: {self.log()}")
-                time.sleep(0.05)
-
-    def log(self):
-        self.stderr.seek(0)
-        return self.stderr.read()
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            code = self.process.wait(timeout=20)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-            self.stderr.close()
-            self.dir.cleanup()
-        assert code == 0, f"sidecar exited with {code}"
 
 
 @pytest.fixture(scope="module")
