@@ -5,6 +5,7 @@
 //! `nvidia.com/gpu` each and one CPU-only node.
 
 pub mod netns;
+pub mod nodes;
 pub mod operator;
 #[path = "../../core/tests/support/ports.rs"]
 mod ports;

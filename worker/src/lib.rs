@@ -205,7 +205,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         admin_stopped,
     ));
     tracing::info!(
-        model = %model_id, %device, port, admin_port, uds = ?uds, allow_named_shm, instances,
+        model = %model_id, %device, %listen_address, port, admin_port, uds = ?uds, allow_named_shm, instances,
         max_batch_size = batching.max_batch_size, batch_delay = ?batching.max_queue_delay,
         "serving; loading the model"
     );
