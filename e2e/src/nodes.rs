@@ -2,7 +2,8 @@
 //! `spec.podCIDR` a CIDR routed into a network namespace ([`crate::netns`]), so the pod IPs kwok
 //! assigns (from that CIDR, `.1` upwards) can be served. [`TestNode::run_worker`] runs a worker
 //! pod's container as a `remotemedia-model-worker` process in the node's namespace, bound to the
-//! pod's IP, with the pod's own arguments.
+//! pod's IP, with the pod's own arguments, and then makes the pod Ready: kwok starts these pods
+//! unready (`e2e/kwok-test-nodes.yaml`), so no endpoint serves before its process does.
 //!
 //! The nodes carry a taint, so only pods that [`TestNode::placement`] puts there land on them
 //! (not another test's DaemonSet), and a socket directory of their own: the node's
@@ -11,7 +12,10 @@
 use std::{net::Ipv4Addr, path::Path, time::Duration};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::{Api, Client, api::PostParams};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
 use serde_json::{Value, json};
 
 use crate::{
@@ -31,6 +35,7 @@ const WORKER_CONTAINER: &str = "worker";
 /// A simulated node with a pod network; deleted with its network when dropped.
 pub struct TestNode {
     pub name: String,
+    client: Client,
     network: PodNetwork,
     socket_dir: tempfile::TempDir,
 }
@@ -48,6 +53,7 @@ impl TestNode {
             .map_err(|e| Error::Process(format!("failed to make a socket directory: {e}")))?;
         let node = Self {
             name: name.to_owned(),
+            client: client.clone(),
             network,
             socket_dir,
         };
@@ -128,7 +134,8 @@ impl TestNode {
     /// `remotemedia-model-worker` process in this node's network, with the pod's arguments but
     /// for three: `--model-path` is `model` (what the pod's volume or image would hold),
     /// `--broker` is this node's socket directory, and `--listen-address` the pod's IP, so
-    /// several pods of a node share the namespace. Returns once it answers `/readyz`.
+    /// several pods of a node share the namespace. Once it answers `/readyz`, the pod is set
+    /// Ready, as the kubelet's readiness probe would.
     pub async fn run_worker(&self, pod: &Pod, model: &str) -> Result<Component, Error> {
         let name = pod.metadata.name.as_deref().unwrap_or_default();
         let on = pod.spec.as_ref().and_then(|s| s.node_name.as_deref());
@@ -184,8 +191,35 @@ impl TestNode {
             },
         )
         .await?;
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        set_pod_ready(&self.client, namespace, name, true).await?;
         Ok(worker)
     }
+}
+
+/// Sets a pod's Ready condition through the status subresource, as a kubelet whose readiness
+/// probe passed (or failed) would.
+pub async fn set_pod_ready(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    ready: bool,
+) -> Result<(), Error> {
+    let status = if ready { "True" } else { "False" };
+    Api::<Pod>::namespaced(client.clone(), namespace)
+        .patch_status(
+            pod,
+            &PatchParams::default(),
+            &Patch::Strategic(json!({
+                "status": { "conditions": [
+                    { "type": "Ready", "status": status },
+                    { "type": "ContainersReady", "status": status },
+                ] }
+            })),
+        )
+        .await
+        .map_err(api("set the pod's Ready condition"))?;
+    Ok(())
 }
 
 impl Drop for TestNode {

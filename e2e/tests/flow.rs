@@ -2,7 +2,8 @@
 //! the operator reconciles two ModelWorkers, one on simulated node A and one on node B (nodes of
 //! this test, `remotemedia_e2e::nodes`, whose pod CIDRs are routed into network namespaces);
 //! kwok gives their pods IPs from those CIDRs, and `remotemedia-model-worker` processes serve on
-//! them, inside the namespaces, with the pods' own arguments. The operator and one sidecar per
+//! them, inside the namespaces, with the pods' own arguments; each pod turns Ready once its
+//! process answers its readiness probe. The operator and one sidecar per
 //! node run with tokens of the chart's service accounts (the sidecar's permissions are compared
 //! with `e2e/expected/sidecar-can-i.txt`); the sidecars find the workers through the
 //! EndpointSlice controller's slices. An app process on node A (the demo's client, with
@@ -22,11 +23,11 @@ use std::{
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, PostParams};
 use remotemedia_crds::ModelWorker;
 use remotemedia_e2e::{
     Error, Probe, TestNamespace, allow_host_path, api, client, expect_permissions, install_crd,
-    nodes::TestNode,
+    nodes::{TestNode, set_pod_ready},
     operator::{Component, binary},
     run_ok, service_account_token, token_kubeconfig, wait_until,
 };
@@ -174,26 +175,6 @@ async fn running_pod(ns: &TestNamespace, name: &str) -> Result<Pod, Error> {
     .await
 }
 
-/// Sets the pod's Ready condition through the status subresource, as a kubelet whose
-/// readiness probe failed (or passed again) would.
-async fn set_ready(ns: &TestNamespace, pod: &str, ready: bool) -> Result<(), Error> {
-    let status = if ready { "True" } else { "False" };
-    ns.api::<Pod>()
-        .patch_status(
-            pod,
-            &PatchParams::default(),
-            &Patch::Strategic(json!({
-                "status": { "conditions": [
-                    { "type": "Ready", "status": status },
-                    { "type": "ContainersReady", "status": status },
-                ] }
-            })),
-        )
-        .await
-        .map_err(api("patch the pod's readiness"))?;
-    Ok(())
-}
-
 fn model_worker(ns: &str, name: &str, node: &TestNode) -> ModelWorker {
     let mut spec = json!({ "modelId": name, "model": { "uri": "file:///models/identity" } });
     for (key, value) in node
@@ -305,6 +286,16 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
     }
     let near_pod = running_pod(&ns, "near").await?;
     let far_pod = running_pod(&ns, "far").await?;
+    for pod in [&near_pod, &far_pod] {
+        let conditions = pod.status.as_ref().and_then(|s| s.conditions.clone());
+        assert!(
+            !conditions
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True"),
+            "kwok made a test node's pod Ready before its worker ran"
+        );
+    }
     let near = node_a.run_worker(&near_pod, "builtin://identity").await?;
     let far = node_b
         .run_worker(
@@ -389,7 +380,7 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
     })
     .await?;
     let far_name = far_pod.metadata.name.clone().expect("pods are named");
-    set_ready(&ns, &far_name, false).await?;
+    set_pod_ready(&client, &ns.name, &far_name, false).await?;
     wait_for_endpoints(&sidecar_a, &ns.name, std::slice::from_ref(&near_line)).await?;
     assert_eq!(
         metric_sum(&far, "remotemedia_worker_in_flight"),
@@ -418,7 +409,7 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
     );
 
     // Ready again: requests reach it again.
-    set_ready(&ns, &far_name, true).await?;
+    set_pod_ready(&client, &ns.name, &far_name, true).await?;
     wait_for_endpoints(&sidecar_a, &ns.name, &[far_line, near_line]).await?;
     let out = App::start(app(&sidecar_a, &node_a, &far_model, &far)).finish();
     assert!(
