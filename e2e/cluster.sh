@@ -305,8 +305,9 @@ up() {
     --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" \
     --leader-elect=false "${rates[@]}"
   # kwok manages only the nodes annotated as its own (nodes.yaml), so a real node is never touched.
+  # Pods of the tests' own nodes wait for the tests to make them Ready (kwok-test-nodes.yaml).
   start kwok --kubeconfig="$state/kwok.kubeconfig" \
-    --config="$bin/../share/kwok-stages.yaml" \
+    --config="$bin/../share/kwok-stages.yaml" --config="$root/e2e/kwok-test-nodes.yaml" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake \
     --node-lease-duration-seconds=40 \
     --server-address="127.0.0.1:$KWOK_PORT" --node-port="$KWOK_PORT"

@@ -1,10 +1,10 @@
-//! `remotemedia-operator` and `remotemedia-sidecar` as processes of their own, the way a cluster
-//! runs them: their binaries, flags, admin port and log file. The tier's compile step builds them
-//! (`e2e/test.sh`).
+//! `remotemedia-operator`, `remotemedia-sidecar` and `remotemedia-model-worker` as processes of
+//! their own, the way a cluster runs them: their binaries, flags, admin port and log file. The
+//! tier's compile step builds them (`e2e/test.sh`).
 
 use std::{
     io::{Read, Write},
-    net::TcpStream,
+    net::{SocketAddr, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
@@ -12,16 +12,18 @@ use std::{
 
 use crate::Error;
 
-/// A running operator or sidecar; killed when dropped.
+/// A running operator, sidecar or worker; killed when dropped.
 pub struct Component {
     child: Child,
     pub admin_port: u16,
+    /// Where its admin port answers: loopback, or a worker's pod IP.
+    admin: SocketAddr,
     pub log: PathBuf,
 }
 
 /// The binary `program`: `<PROGRAM>_BIN` (`REMOTEMEDIA_OPERATOR_BIN`), else beside the test
 /// executables' folder (`target/<profile>/deps/..`), where `cargo build -p <program>` puts it.
-fn binary(program: &str) -> Result<PathBuf, Error> {
+pub fn binary(program: &str) -> Result<PathBuf, Error> {
     let variable = format!("{}_BIN", program.to_uppercase().replace('-', "_"));
     if let Some(path) = std::env::var_os(&variable) {
         return Ok(path.into());
@@ -56,7 +58,17 @@ impl Component {
     /// Starts the sidecar with `args` (plus `--admin-port`), logging to
     /// `$REMOTEMEDIA_E2E_LOGS/sidecar-<name>.log`.
     pub fn start_sidecar(name: &str, args: &[&str]) -> Result<Self, Error> {
-        Self::spawn("remotemedia-sidecar", "sidecar", name, args, &[])
+        Self::start_sidecar_with_env(name, args, &[])
+    }
+
+    /// [`Component::start_sidecar`] with extra environment variables, such as a `KUBECONFIG`
+    /// holding a service account's token.
+    pub fn start_sidecar_with_env(
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, Error> {
+        Self::spawn("remotemedia-sidecar", "sidecar", name, args, env)
     }
 
     fn spawn(
@@ -67,6 +79,23 @@ impl Component {
         env: &[(&str, &str)],
     ) -> Result<Self, Error> {
         let admin_port = crate::ports::free_port();
+        let mut command = Command::new(binary(program)?);
+        command
+            .args(args)
+            .args(["--admin-port", &admin_port.to_string()])
+            .envs(env.iter().copied());
+        Self::spawn_command(command, role, name, ([127, 0, 0, 1], admin_port).into())
+    }
+
+    /// Starts `command` (which serves its admin port at `admin`), logging to
+    /// `$REMOTEMEDIA_E2E_LOGS/<role>-<name>.log` (the temporary folder without it).
+    pub fn spawn_command(
+        mut command: Command,
+        role: &str,
+        name: &str,
+        admin: SocketAddr,
+    ) -> Result<Self, Error> {
+        let program = command.get_program().to_string_lossy().into_owned();
         let dir =
             std::env::var_os("REMOTEMEDIA_E2E_LOGS").map_or_else(std::env::temp_dir, PathBuf::from);
         let log = dir.join(format!("{role}-{name}.log"));
@@ -78,12 +107,12 @@ impl Component {
         let stderr = file
             .try_clone()
             .map_err(|e| Error::Process(format!("failed to open {}: {e}", log.display())))?;
-        let child = Command::new(binary(program)?)
-            .args(args)
-            .args(["--admin-port", &admin_port.to_string()])
-            .env("RUST_LOG", "info,kube=warn")
+        // A caller's own RUST_LOG wins.
+        if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            command.env("RUST_LOG", "info,kube=warn");
+        }
+        let child = command
             .env("NO_COLOR", "1")
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(stderr)
@@ -92,7 +121,8 @@ impl Component {
         eprintln!("{role} {name}: pid {}, log {}", child.id(), log.display());
         Ok(Self {
             child,
-            admin_port,
+            admin_port: admin.port(),
+            admin,
             log,
         })
     }
@@ -118,11 +148,7 @@ impl Component {
 
     /// `GET path` on the admin port: the status code and body, `None` while nothing answers.
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = TcpStream::connect_timeout(
-            &([127, 0, 0, 1], self.admin_port).into(),
-            Duration::from_secs(2),
-        )
-        .ok()?;
+        let mut stream = TcpStream::connect_timeout(&self.admin, Duration::from_secs(2)).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
         write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
         let mut response = String::new();

@@ -16,8 +16,9 @@ use k8s_openapi::{
 };
 use kube::Api;
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, kubectl_ok, repo, run, run_ok,
-    wait_for_crd_established, wait_until,
+    Error, Probe, TestNamespace, allow_host_path, api, client, expect_permissions, kubectl_ok,
+    repo, run, run_ok, service_account_token, token_kubeconfig, wait_for_crd_established,
+    wait_until,
 };
 use serde_json::{Value, json};
 
@@ -525,17 +526,6 @@ fn a_shared_memory_budget_over_the_sidecar_memory_limit_is_refused_at_render() {
     assert!(error.contains("(3G = 3000000000 bytes)"), "{error}");
 }
 
-/// Marks a namespace for the `privileged` Pod Security profile, as the README tells users to:
-/// the sidecar mounts the node's socket directory by hostPath.
-fn allow_host_path(namespace: &str) {
-    kubectl_ok(&[
-        "label",
-        "namespace",
-        namespace,
-        "pod-security.kubernetes.io/enforce=privileged",
-    ]);
-}
-
 #[tokio::test]
 async fn rendered_manifests_pass_the_api_servers_validation() -> Result<(), Error> {
     let client = client().await?;
@@ -736,43 +726,6 @@ async fn install_upgrade_uninstall_keep_the_crd_and_a_reinstall_adopts_it() -> R
     ns.delete().await
 }
 
-/// A kubeconfig for the current cluster that authenticates with `token` alone: the admin's
-/// client certificate left in place would authenticate instead.
-fn token_kubeconfig(token: &str) -> tempfile::NamedTempFile {
-    let current: Value = serde_json::from_str(&kubectl_ok(&[
-        "config",
-        "view",
-        "--minify",
-        "--flatten",
-        "-o",
-        "json",
-    ]))
-    .expect("kubectl prints its config as JSON");
-    let config = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{ "name": "e2e", "cluster": current["clusters"][0]["cluster"] }],
-        "users": [{ "name": "token", "user": { "token": token } }],
-        "contexts": [{ "name": "e2e", "context": { "cluster": "e2e", "user": "token" } }],
-        "current-context": "e2e",
-    });
-    let file = tempfile::NamedTempFile::new().expect("a temporary file can be made");
-    std::fs::write(file.path(), config.to_string()).expect("the kubeconfig is written");
-    file
-}
-
-/// `kubectl auth can-i --list` as comparable lines: columns separated by one space, sorted, with
-/// the committed file's comments and blank lines dropped.
-fn permission_lines(table: &str) -> Vec<String> {
-    let mut lines: Vec<String> = table
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect();
-    lines.sort();
-    lines
-}
-
 #[tokio::test]
 async fn the_operator_service_account_holds_exactly_the_committed_permissions() -> Result<(), Error>
 {
@@ -790,15 +743,7 @@ async fn the_operator_service_account_holds_exactly_the_committed_permissions() 
         "crds.enabled=false",
     ]);
     let account = format!("{release}-remotemedia-operator");
-    let token = kubectl_ok(&[
-        "create",
-        "token",
-        &account,
-        "-n",
-        &ns.name,
-        "--duration=10m",
-    ]);
-    let kubeconfig = token_kubeconfig(token.trim());
+    let kubeconfig = token_kubeconfig(&service_account_token(&ns.name, &account, 10));
     let kubeconfig = kubeconfig
         .path()
         .to_str()
@@ -815,38 +760,7 @@ async fn the_operator_service_account_holds_exactly_the_committed_permissions() 
         identity,
         format!("system:serviceaccount:{}:{account}", ns.name)
     );
-
-    let expected_file = repo("e2e/expected/operator-can-i.txt");
-    let expected = permission_lines(
-        &std::fs::read_to_string(&expected_file).expect("the expectation is committed"),
-    );
-    let (ns_name, kubeconfig) = (&ns.name, kubeconfig);
-    // RBAC reaches the authorizer's cache shortly after the bindings are created.
-    wait_until(
-        &format!("the operator's permissions to equal {expected_file}"),
-        Duration::from_secs(30),
-        || {
-            let expected = expected.clone();
-            async move {
-                let table = kubectl_ok(&[
-                    "--kubeconfig",
-                    kubeconfig,
-                    "auth",
-                    "can-i",
-                    "--list",
-                    "-n",
-                    ns_name,
-                ]);
-                let actual = permission_lines(&table);
-                Ok(if actual == expected {
-                    Probe::Done(())
-                } else {
-                    Probe::Waiting(format!("\n{}", actual.join("\n")))
-                })
-            }
-        },
-    )
-    .await?;
+    expect_permissions(kubeconfig, &ns.name, "e2e/expected/operator-can-i.txt").await?;
     helm_ok(&["uninstall", &release, "-n", &ns.name]);
     ns.delete().await
 }

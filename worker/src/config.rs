@@ -3,6 +3,7 @@
 
 use std::{
     fmt,
+    net::IpAddr,
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -38,6 +39,10 @@ pub struct Config {
     /// several --instances, the cores shared out among them]
     #[arg(long, env = "REMOTEMEDIA_WORKER_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<usize>,
+
+    /// Address the gRPC and admin ports bind to, e.g. the pod's IP [default: every address]
+    #[arg(long, env = "REMOTEMEDIA_WORKER_LISTEN_ADDRESS", default_value_t = defaults::LISTEN_ADDRESS)]
+    pub listen_address: IpAddr,
 
     /// Port for gRPC inference and plain HTTP `GET /health`
     #[arg(long, env = "REMOTEMEDIA_WORKER_PORT", default_value_t = defaults::GRPC_PORT)]
@@ -152,6 +157,7 @@ pub struct Settings {
     pub source: ModelSource,
     pub device: Device,
     pub intra_op_threads: Option<usize>,
+    pub listen_address: IpAddr,
     pub port: u16,
     pub admin_port: u16,
     pub uds: Option<PathBuf>,
@@ -217,6 +223,7 @@ impl Config {
             model_path,
             device,
             intra_op_threads,
+            listen_address,
             port,
             admin_port,
             uds,
@@ -278,6 +285,7 @@ impl Config {
             source,
             device,
             intra_op_threads,
+            listen_address,
             port,
             admin_port,
             uds,
@@ -401,6 +409,7 @@ mod tests {
             .unwrap();
         assert_eq!(settings.model_id, "identity");
         assert_eq!((settings.port, settings.admin_port), (50051, 9090));
+        assert_eq!(settings.listen_address, IpAddr::from([0, 0, 0, 0]));
         assert_eq!(settings.device, Device::Cpu);
         assert_eq!(settings.max_concurrency, 100);
         assert_eq!(settings.instances, 1);

@@ -8,8 +8,8 @@ use crate::config::Device;
 pub const GRPC_PORT: u16 = 50051;
 /// `/healthz`, `/readyz` and `/metrics`: what probes and Prometheus use.
 pub const ADMIN_PORT: u16 = 9090;
-/// Address both TCP listeners bind to: a pod is reached through its own IP.
-pub const LISTEN_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::UNSPECIFIED;
+/// Address both TCP listeners bind to: every address, since a pod is reached through its own IP.
+pub const LISTEN_ADDRESS: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
 /// The device models run on.
 pub const DEVICE: Device = Device::Cpu;
 /// Forward-pass executor threads, like Triton's default instance count of one.

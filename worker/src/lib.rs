@@ -25,7 +25,7 @@ pub mod tensor;
 
 use std::{
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -103,6 +103,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         source,
         device,
         intra_op_threads,
+        listen_address,
         port,
         admin_port,
         uds,
@@ -118,8 +119,8 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
     } = settings;
 
     // Every listener is bound before anything is served: a port in use is a start-up error.
-    let grpc_listener = bind_tcp("gRPC", port).await?;
-    let admin_listener = bind_tcp("admin", admin_port).await?;
+    let grpc_listener = bind_tcp("gRPC", listen_address, port).await?;
+    let admin_listener = bind_tcp("admin", listen_address, admin_port).await?;
     let uds_listener = uds.as_deref().map(bind_unix).transpose()?;
     let _socket_file = uds.clone().map(SocketFile);
     let mut terminate = signal(SignalKind::terminate()).map_err(RunError::Signals)?;
@@ -204,7 +205,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         admin_stopped,
     ));
     tracing::info!(
-        model = %model_id, %device, port, admin_port, uds = ?uds, allow_named_shm, instances,
+        model = %model_id, %device, %listen_address, port, admin_port, uds = ?uds, allow_named_shm, instances,
         max_batch_size = batching.max_batch_size, batch_delay = ?batching.max_queue_delay,
         "serving; loading the model"
     );
@@ -326,8 +327,8 @@ async fn serve<L>(
     connections.shutdown().await;
 }
 
-async fn bind_tcp(what: &'static str, port: u16) -> Result<TcpListener, RunError> {
-    let address = SocketAddr::from((defaults::LISTEN_ADDRESS, port));
+async fn bind_tcp(what: &'static str, ip: IpAddr, port: u16) -> Result<TcpListener, RunError> {
+    let address = SocketAddr::from((ip, port));
     TcpListener::bind(address)
         .await
         .map_err(|source| RunError::Bind { what, port, source })
