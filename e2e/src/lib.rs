@@ -4,9 +4,10 @@
 //! The tests expect the simulated topology of `e2e/nodes.yaml`: two nodes with four
 //! `nvidia.com/gpu` each and one CPU-only node.
 
+pub mod chart;
 pub mod operator;
 #[path = "../../core/tests/support/ports.rs"]
-mod ports;
+pub mod ports;
 
 use std::{future::Future, time::Duration};
 

@@ -56,7 +56,17 @@ impl Component {
     /// Starts the sidecar with `args` (plus `--admin-port`), logging to
     /// `$REMOTEMEDIA_E2E_LOGS/sidecar-<name>.log`.
     pub fn start_sidecar(name: &str, args: &[&str]) -> Result<Self, Error> {
-        Self::spawn("remotemedia-sidecar", "sidecar", name, args, &[])
+        Self::start_sidecar_with_env(name, args, &[])
+    }
+
+    /// [`Component::start_sidecar`] with extra environment variables, such as another
+    /// `KUBECONFIG`.
+    pub fn start_sidecar_with_env(
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, Error> {
+        Self::spawn("remotemedia-sidecar", "sidecar", name, args, env)
     }
 
     fn spawn(

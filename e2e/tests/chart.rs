@@ -1,8 +1,8 @@
 //! The Helm chart (`charts/remotemedia`): what it renders for the values that matter, the values
 //! schema refusing bad values, the API server validating what it renders, and a release's life on
 //! the cluster — install (kwok runs the operator and the DaemonSet), upgrade, uninstall keeping
-//! the CRD, reinstall adopting it. The operator's service account holds exactly the committed
-//! permissions, read through a token of that account.
+//! the CRD, reinstall adopting it. The operator's and the sidecar's service accounts hold exactly
+//! the committed permissions, read through a token of each account.
 //!
 //! Tests that install with `crds.enabled=true` share the one cluster-scoped CRD, so only one test
 //! does; the others install with `crds.enabled=false`. Each release is named after its test's
@@ -15,9 +15,13 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::Api;
+use remotemedia_e2e::chart::{
+    allow_host_path, chart, helm_ok, install_without_crd, service_account,
+    service_account_kubeconfig,
+};
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, kubectl_ok, repo, run, run_ok,
-    wait_for_crd_established, wait_until,
+    Error, Probe, TestNamespace, api, client, kubectl_ok, repo, run, wait_for_crd_established,
+    wait_until,
 };
 use serde_json::{Value, json};
 
@@ -25,15 +29,6 @@ const SETTLE: Duration = Duration::from_secs(90);
 const CRD: &str = "modelworkers.remotemedia.io";
 /// The simulated nodes of `e2e/nodes.yaml`: the DaemonSet runs one sidecar on each.
 const NODES: i32 = 3;
-
-fn chart() -> String {
-    repo("charts/remotemedia")
-}
-
-/// Runs helm and returns what it printed, failing the test if helm fails.
-fn helm_ok(args: &[&str]) -> String {
-    run_ok("helm", args)
-}
 
 /// `helm template` as release `rm` in namespace `remotemedia` with `--set` values: the rendered
 /// manifest text, or helm's error output.
@@ -525,17 +520,6 @@ fn a_shared_memory_budget_over_the_sidecar_memory_limit_is_refused_at_render() {
     assert!(error.contains("(3G = 3000000000 bytes)"), "{error}");
 }
 
-/// Marks a namespace for the `privileged` Pod Security profile, as the README tells users to:
-/// the sidecar mounts the node's socket directory by hostPath.
-fn allow_host_path(namespace: &str) {
-    kubectl_ok(&[
-        "label",
-        "namespace",
-        namespace,
-        "pod-security.kubernetes.io/enforce=privileged",
-    ]);
-}
-
 #[tokio::test]
 async fn rendered_manifests_pass_the_api_servers_validation() -> Result<(), Error> {
     let client = client().await?;
@@ -736,31 +720,6 @@ async fn install_upgrade_uninstall_keep_the_crd_and_a_reinstall_adopts_it() -> R
     ns.delete().await
 }
 
-/// A kubeconfig for the current cluster that authenticates with `token` alone: the admin's
-/// client certificate left in place would authenticate instead.
-fn token_kubeconfig(token: &str) -> tempfile::NamedTempFile {
-    let current: Value = serde_json::from_str(&kubectl_ok(&[
-        "config",
-        "view",
-        "--minify",
-        "--flatten",
-        "-o",
-        "json",
-    ]))
-    .expect("kubectl prints its config as JSON");
-    let config = json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{ "name": "e2e", "cluster": current["clusters"][0]["cluster"] }],
-        "users": [{ "name": "token", "user": { "token": token } }],
-        "contexts": [{ "name": "e2e", "context": { "cluster": "e2e", "user": "token" } }],
-        "current-context": "e2e",
-    });
-    let file = tempfile::NamedTempFile::new().expect("a temporary file can be made");
-    std::fs::write(file.path(), config.to_string()).expect("the kubeconfig is written");
-    file
-}
-
 /// `kubectl auth can-i --list` as comparable lines: columns separated by one space, sorted, with
 /// the committed file's comments and blank lines dropped.
 fn permission_lines(table: &str) -> Vec<String> {
@@ -773,57 +732,25 @@ fn permission_lines(table: &str) -> Vec<String> {
     lines
 }
 
-#[tokio::test]
-async fn the_operator_service_account_holds_exactly_the_committed_permissions() -> Result<(), Error>
-{
+/// Installs the chart (default values) and compares `kubectl auth can-i --list` in its namespace,
+/// read through a token of `component`'s service account, with `e2e/expected/<component>-can-i.txt`.
+async fn permissions_are_the_committed_ones(component: &str) -> Result<(), Error> {
     let client = client().await?;
-    let ns = TestNamespace::create(&client, "chart-rbac").await?;
-    allow_host_path(&ns.name);
-    let release = ns.name.clone();
-    helm_ok(&[
-        "install",
-        &release,
-        &chart(),
-        "-n",
-        &ns.name,
-        "--set",
-        "crds.enabled=false",
-    ]);
-    let account = format!("{release}-remotemedia-operator");
-    let token = kubectl_ok(&[
-        "create",
-        "token",
-        &account,
-        "-n",
-        &ns.name,
-        "--duration=10m",
-    ]);
-    let kubeconfig = token_kubeconfig(token.trim());
-    let kubeconfig = kubeconfig
-        .path()
-        .to_str()
-        .expect("temporary paths are UTF-8");
-    let identity = kubectl_ok(&[
-        "--kubeconfig",
-        kubeconfig,
-        "auth",
-        "whoami",
-        "-o",
-        "jsonpath={.status.userInfo.username}",
-    ]);
-    assert_eq!(
-        identity,
-        format!("system:serviceaccount:{}:{account}", ns.name)
-    );
+    let ns = TestNamespace::create(&client, &format!("chart-rbac-{component}")).await?;
+    install_without_crd(&ns.name, &[]);
+    let file = tempfile::NamedTempFile::new().expect("a temporary file can be made");
+    let account = service_account(&ns.name, component);
+    service_account_kubeconfig(&ns.name, &account, file.path())?;
+    let kubeconfig = file.path().to_str().expect("temporary paths are UTF-8");
 
-    let expected_file = repo("e2e/expected/operator-can-i.txt");
+    let expected_file = repo(&format!("e2e/expected/{component}-can-i.txt"));
     let expected = permission_lines(
         &std::fs::read_to_string(&expected_file).expect("the expectation is committed"),
     );
     let (ns_name, kubeconfig) = (&ns.name, kubeconfig);
     // RBAC reaches the authorizer's cache shortly after the bindings are created.
     wait_until(
-        &format!("the operator's permissions to equal {expected_file}"),
+        &format!("the {component}'s permissions to equal {expected_file}"),
         Duration::from_secs(30),
         || {
             let expected = expected.clone();
@@ -847,8 +774,20 @@ async fn the_operator_service_account_holds_exactly_the_committed_permissions() 
         },
     )
     .await?;
-    helm_ok(&["uninstall", &release, "-n", &ns.name]);
+    helm_ok(&["uninstall", &ns.name, "-n", &ns.name]);
     ns.delete().await
+}
+
+#[tokio::test]
+async fn the_operator_service_account_holds_exactly_the_committed_permissions() -> Result<(), Error>
+{
+    permissions_are_the_committed_ones("operator").await
+}
+
+#[tokio::test]
+async fn the_sidecar_service_account_holds_exactly_the_committed_permissions() -> Result<(), Error>
+{
+    permissions_are_the_committed_ones("sidecar").await
 }
 
 #[test]
@@ -885,7 +824,7 @@ fn the_sidecar_may_only_watch_endpoints_and_model_workers_and_scale_them() {
         json!([
             { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"] },
             { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers"], "verbs": ["list", "watch"] },
-            { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers/scale"], "verbs": ["get", "patch", "update"] },
+            { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers/scale"], "verbs": ["patch"] },
         ])
     );
     let binding = object(&objects, "ClusterRoleBinding", "rm-remotemedia-sidecar");
