@@ -101,7 +101,8 @@ pub struct ModelWorkerSpec {
     pub replicas: i32,
 
     /// Lets the node sidecar ask for one replica (through the scale subresource) when a request
-    /// arrives while replicas is 0, holding the request until a worker is ready.
+    /// arrives while replicas is 0, holding the request until a worker is ready (at most the
+    /// sidecar's hold timeout). Without it, such a request is answered UNAVAILABLE at once.
     #[serde(default)]
     pub scale_from_zero: bool,
 

@@ -4,11 +4,12 @@
 //! The tests expect the simulated topology of `e2e/nodes.yaml`: two nodes with four
 //! `nvidia.com/gpu` each and one CPU-only node.
 
+pub mod chart;
 pub mod netns;
 pub mod nodes;
 pub mod operator;
 #[path = "../../core/tests/support/ports.rs"]
-mod ports;
+pub mod ports;
 
 use std::{future::Future, time::Duration};
 
@@ -283,108 +284,6 @@ pub fn run_ok(program: &str, args: &[&str]) -> String {
 /// Runs kubectl and returns its output, failing the test if kubectl fails.
 pub fn kubectl_ok(args: &[&str]) -> String {
     run_ok("kubectl", args)
-}
-
-/// Marks a namespace for the `privileged` Pod Security profile, as the README tells users to:
-/// the sidecar, worker and app pods mount the node's socket directory by hostPath.
-pub fn allow_host_path(namespace: &str) {
-    kubectl_ok(&[
-        "label",
-        "namespace",
-        namespace,
-        "pod-security.kubernetes.io/enforce=privileged",
-    ]);
-}
-
-/// A token of service account `account` in `namespace`, valid for `minutes`.
-pub fn service_account_token(namespace: &str, account: &str, minutes: u32) -> String {
-    kubectl_ok(&[
-        "create",
-        "token",
-        account,
-        "-n",
-        namespace,
-        &format!("--duration={minutes}m"),
-    ])
-    .trim()
-    .to_owned()
-}
-
-/// A kubeconfig for the current cluster that authenticates with `token` alone: the admin's
-/// client certificate left in place would authenticate instead.
-pub fn token_kubeconfig(token: &str) -> tempfile::NamedTempFile {
-    let current: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
-        "config",
-        "view",
-        "--minify",
-        "--flatten",
-        "-o",
-        "json",
-    ]))
-    .expect("kubectl prints its config as JSON");
-    let config = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{ "name": "e2e", "cluster": current["clusters"][0]["cluster"] }],
-        "users": [{ "name": "token", "user": { "token": token } }],
-        "contexts": [{ "name": "e2e", "context": { "cluster": "e2e", "user": "token" } }],
-        "current-context": "e2e",
-    });
-    let file = tempfile::NamedTempFile::new().expect("a temporary file can be made");
-    std::fs::write(file.path(), config.to_string()).expect("the kubeconfig is written");
-    file
-}
-
-/// `kubectl auth can-i --list` as comparable lines: columns separated by one space, sorted, with
-/// the committed file's comments and blank lines dropped.
-pub fn permission_lines(table: &str) -> Vec<String> {
-    let mut lines: Vec<String> = table
-        .lines()
-        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
-        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
-        .collect();
-    lines.sort();
-    lines
-}
-
-/// Waits until `kubectl auth can-i --list -n namespace` through `kubeconfig` (a token's) equals
-/// the committed table `expected_file` (a path from the repository root): RBAC reaches the
-/// authorizer's cache shortly after the bindings are created.
-pub async fn expect_permissions(
-    kubeconfig: &str,
-    namespace: &str,
-    expected_file: &str,
-) -> Result<(), Error> {
-    let path = repo(expected_file);
-    let expected = permission_lines(
-        &std::fs::read_to_string(&path)
-            .map_err(|e| Error::Process(format!("failed to read {expected_file}: {e}")))?,
-    );
-    wait_until(
-        &format!("the permissions to equal {expected_file}"),
-        Duration::from_secs(30),
-        || {
-            let expected = &expected;
-            async move {
-                let table = kubectl_ok(&[
-                    "--kubeconfig",
-                    kubeconfig,
-                    "auth",
-                    "can-i",
-                    "--list",
-                    "-n",
-                    namespace,
-                ]);
-                let actual = permission_lines(&table);
-                Ok(if actual == *expected {
-                    Probe::Done(())
-                } else {
-                    Probe::Waiting(format!("\n{}", actual.join("\n")))
-                })
-            }
-        },
-    )
-    .await
 }
 
 /// Installs the committed CRD as users do and waits until the API server serves it. Every test

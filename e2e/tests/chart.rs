@@ -1,8 +1,8 @@
 //! The Helm chart (`charts/remotemedia`): what it renders for the values that matter, the values
 //! schema refusing bad values, the API server validating what it renders, and a release's life on
 //! the cluster — install (kwok runs the operator and the DaemonSet), upgrade, uninstall keeping
-//! the CRD, reinstall adopting it. The operator's service account holds exactly the committed
-//! permissions, read through a token of that account.
+//! the CRD, reinstall adopting it. The operator's and the sidecar's service accounts hold exactly
+//! the committed permissions, read through a token of each account.
 //!
 //! Tests that install with `crds.enabled=true` share the one cluster-scoped CRD, so only one test
 //! does; the others install with `crds.enabled=false`. Each release is named after its test's
@@ -15,9 +15,12 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::Api;
+use remotemedia_e2e::chart::{
+    allow_host_path, chart, expect_permissions, helm_ok, install_without_crd, service_account,
+    service_account_kubeconfig,
+};
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, allow_host_path, api, client, expect_permissions, kubectl_ok,
-    repo, run, run_ok, service_account_token, token_kubeconfig, wait_for_crd_established,
+    Error, Probe, TestNamespace, api, client, kubectl_ok, repo, run, wait_for_crd_established,
     wait_until,
 };
 use serde_json::{Value, json};
@@ -26,15 +29,6 @@ const SETTLE: Duration = Duration::from_secs(90);
 const CRD: &str = "modelworkers.remotemedia.io";
 /// The simulated nodes of `e2e/nodes.yaml`: the DaemonSet runs one sidecar on each.
 const NODES: i32 = 3;
-
-fn chart() -> String {
-    repo("charts/remotemedia")
-}
-
-/// Runs helm and returns what it printed, failing the test if helm fails.
-fn helm_ok(args: &[&str]) -> String {
-    run_ok("helm", args)
-}
 
 /// `helm template` as release `rm` in namespace `remotemedia` with `--set` values: the rendered
 /// manifest text, or helm's error output.
@@ -726,43 +720,30 @@ async fn install_upgrade_uninstall_keep_the_crd_and_a_reinstall_adopts_it() -> R
     ns.delete().await
 }
 
+/// Installs the chart (default values) and compares `kubectl auth can-i --list` in its namespace,
+/// read through a token of `component`'s service account, with `e2e/expected/<component>-can-i.txt`.
+async fn permissions_are_the_committed_ones(component: &str) -> Result<(), Error> {
+    let client = client().await?;
+    let ns = TestNamespace::create(&client, &format!("chart-rbac-{component}")).await?;
+    install_without_crd(&ns.name, &[]);
+    let file = service_account_kubeconfig(&ns.name, &service_account(&ns.name, component))?;
+    let kubeconfig = file.path().to_str().expect("temporary paths are UTF-8");
+    let expected = format!("e2e/expected/{component}-can-i.txt");
+    expect_permissions(kubeconfig, &ns.name, &expected).await?;
+    helm_ok(&["uninstall", &ns.name, "-n", &ns.name]);
+    ns.delete().await
+}
+
 #[tokio::test]
 async fn the_operator_service_account_holds_exactly_the_committed_permissions() -> Result<(), Error>
 {
-    let client = client().await?;
-    let ns = TestNamespace::create(&client, "chart-rbac").await?;
-    allow_host_path(&ns.name);
-    let release = ns.name.clone();
-    helm_ok(&[
-        "install",
-        &release,
-        &chart(),
-        "-n",
-        &ns.name,
-        "--set",
-        "crds.enabled=false",
-    ]);
-    let account = format!("{release}-remotemedia-operator");
-    let kubeconfig = token_kubeconfig(&service_account_token(&ns.name, &account, 10));
-    let kubeconfig = kubeconfig
-        .path()
-        .to_str()
-        .expect("temporary paths are UTF-8");
-    let identity = kubectl_ok(&[
-        "--kubeconfig",
-        kubeconfig,
-        "auth",
-        "whoami",
-        "-o",
-        "jsonpath={.status.userInfo.username}",
-    ]);
-    assert_eq!(
-        identity,
-        format!("system:serviceaccount:{}:{account}", ns.name)
-    );
-    expect_permissions(kubeconfig, &ns.name, "e2e/expected/operator-can-i.txt").await?;
-    helm_ok(&["uninstall", &release, "-n", &ns.name]);
-    ns.delete().await
+    permissions_are_the_committed_ones("operator").await
+}
+
+#[tokio::test]
+async fn the_sidecar_service_account_holds_exactly_the_committed_permissions() -> Result<(), Error>
+{
+    permissions_are_the_committed_ones("sidecar").await
 }
 
 #[test]
@@ -799,7 +780,7 @@ fn the_sidecar_may_only_watch_endpoints_and_model_workers_and_scale_them() {
         json!([
             { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"] },
             { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers"], "verbs": ["list", "watch"] },
-            { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers/scale"], "verbs": ["get", "patch", "update"] },
+            { "apiGroups": ["remotemedia.io"], "resources": ["modelworkers/scale"], "verbs": ["patch"] },
         ])
     );
     let binding = object(&objects, "ClusterRoleBinding", "rm-remotemedia-sidecar");

@@ -26,10 +26,12 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ListParams, PostParams};
 use remotemedia_crds::ModelWorker;
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, allow_host_path, api, client, expect_permissions, install_crd,
+    Error, Probe, TestNamespace, api,
+    chart::{allow_host_path, expect_permissions, service_account_token, token_kubeconfig},
+    client, install_crd,
     nodes::{TestNode, set_pod_ready},
     operator::{Component, binary},
-    run_ok, service_account_token, token_kubeconfig, wait_until,
+    run_ok, wait_until,
 };
 use serde_json::json;
 

@@ -904,20 +904,6 @@ async fn two_model_workers_with_one_model_id_are_degraded_until_one_goes() -> Re
     ns.delete().await
 }
 
-/// A kubeconfig for the cluster `KUBECONFIG` names that authenticates with `token` alone.
-fn token_kubeconfig(token: &str, path: &std::path::Path) {
-    let admin = kube::config::Kubeconfig::read().expect("KUBECONFIG is readable");
-    let cluster = admin.clusters[0].cluster.clone().expect("a cluster entry");
-    let server = cluster.server.expect("a server address");
-    let ca = cluster
-        .certificate_authority
-        .expect("the CA file of e2e/cluster.sh");
-    let text = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: e2e\n  cluster:\n    server: {server}\n    certificate-authority: {ca}\nusers:\n- name: operator\n  user:\n    token: {token}\ncontexts:\n- name: e2e\n  context:\n    cluster: e2e\n    user: operator\ncurrent-context: e2e\n"
-    );
-    std::fs::write(path, text).expect("the kubeconfig is written");
-}
-
 /// The RBAC table of `operator/src/lib.rs` as a Role (`--watch-namespace` needs no more): the
 /// operator runs as a service account holding only these rules, through a scale-up, a scale-down
 /// (the PDB deleted), a spec change and leader election, and is never refused.
@@ -975,9 +961,8 @@ async fn the_documented_rbac_rules_are_all_the_operator_needs() -> Result<(), Er
         .status
         .and_then(|s| s.token)
         .unwrap_or_default();
-    let kubeconfig = std::env::temp_dir().join(format!("{}.kubeconfig", ns.name));
-    token_kubeconfig(&token, &kubeconfig);
-    let kubeconfig_path = kubeconfig.to_string_lossy().into_owned();
+    let kubeconfig = remotemedia_e2e::chart::token_kubeconfig(&token);
+    let kubeconfig_path = kubeconfig.path().to_string_lossy().into_owned();
     let operator = Component::start_with_env(
         &ns.name,
         &["--watch-namespace", &ns.name, "--lease-namespace", &ns.name],
@@ -1024,7 +1009,6 @@ async fn the_documented_rbac_rules_are_all_the_operator_needs() -> Result<(), Er
     ]);
     assert!(!events.trim().is_empty(), "the operator published events");
     drop(operator);
-    let _ = std::fs::remove_file(&kubeconfig);
     ns.delete().await
 }
 

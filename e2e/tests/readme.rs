@@ -12,8 +12,11 @@ use std::time::Duration;
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
 use kube::Api;
 use remotemedia_e2e::{
-    Error, Probe, api, client, kubectl, kubectl_ok, operator::Component, repo, run, run_ok,
-    service_account_token, token_kubeconfig, wait_until,
+    Error, Probe, api,
+    chart::{service_account_token, token_kubeconfig},
+    client, kubectl, kubectl_ok,
+    operator::Component,
+    repo, run, run_ok, wait_until,
 };
 
 /// The release name the README uses.

@@ -22,6 +22,7 @@ use remotemedia_runtime_core::shm::broker::{BROKER_SOCKET, socket};
 use router::connection::{ConnectionId, Tracked};
 use router::discovery::kubernetes::Kubernetes;
 use router::named::NamedRegistry;
+use router::scale::{ModelWorkerScaler, ScaleFromZero};
 use router::{Discovery, RouterService, StaticFile, Transport};
 
 /// The router's Unix socket inside the socket directory.
@@ -72,16 +73,20 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
         allow_named_shm,
         router: router_config,
     } = config;
+    let metrics = Arc::new(metrics::Metrics::new());
     // Discovery first: a sidecar without Kubernetes credentials fails at start, not later.
-    let endpoints = match discovery {
-        DiscoverySource::Static(path) => Box::new(StaticFile { path }).watch(),
+    let (endpoints, scale) = match discovery {
+        DiscoverySource::Static(path) => (Box::new(StaticFile { path }).watch(), None),
         DiscoverySource::Kubernetes => {
             let client = kube::Client::try_default()
                 .await
                 .map_err(SidecarError::KubeClient)?;
-            Box::new(Kubernetes { client }).watch()
+            let (discovery, scales) = Kubernetes::new(client.clone());
+            let scaler = Arc::new(ModelWorkerScaler { client });
+            let scale = ScaleFromZero::new(scales, scaler, metrics.clone());
+            (Box::new(discovery).watch(), Some(scale))
         }
-        DiscoverySource::None => tokio::sync::watch::channel(Arc::new(Vec::new())).1,
+        DiscoverySource::None => (tokio::sync::watch::channel(Arc::new(Vec::new())).1, None),
     };
     raise_descriptor_limit();
     let broker_path = socket_dir.join(BROKER_SOCKET);
@@ -112,9 +117,8 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
     );
 
     let books = Arc::new(broker::Books::new(limits));
-    let metrics = Arc::new(metrics::Metrics::new());
     let max_message_bytes = router_config.max_message_bytes;
-    let router = router::Router::new(router_config, endpoints, metrics.held());
+    let router = router::Router::new(router_config, endpoints, metrics.held(), scale);
     let named = Arc::new(NamedRegistry::new(allow_named_shm));
     let grpc = |transport| {
         let service = RouterService::new(

@@ -46,6 +46,31 @@ impl Path {
     }
 }
 
+/// How an ask for one replica (scale from zero) ended: the sidecar scaled the ModelWorker from 0
+/// to 1 (`scaled`), found it already above 0 (`already_scaled`: another sidecar or a person was
+/// first), or the API server refused or could not be reached (`failed`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ScaleUp {
+    Scaled,
+    AlreadyScaled,
+    Failed,
+}
+
+impl ScaleUp {
+    fn label(self) -> &'static str {
+        match self {
+            ScaleUp::Scaled => "scaled",
+            ScaleUp::AlreadyScaled => "already_scaled",
+            ScaleUp::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct InferenceLabels {
     path: &'static str,
@@ -74,6 +99,7 @@ pub struct Metrics {
     latency: Family<PathLabels, Histogram, fn() -> Histogram>,
     forwarded_bytes: Family<PathLabels, Counter>,
     held: Gauge,
+    scale_ups: Family<OutcomeLabels, Counter>,
 }
 
 impl Metrics {
@@ -130,11 +156,19 @@ impl Metrics {
             "Inference requests waiting for a ready worker",
             held.clone(),
         );
+        let scale_ups = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "scale_ups",
+            "Asks for one replica of a ModelWorker at zero (scale from zero), by outcome: scaled, \
+             already_scaled (another sidecar or a person was first), failed",
+            scale_ups.clone(),
+        );
         Self {
             inferences,
             latency,
             forwarded_bytes,
             held,
+            scale_ups,
             registry,
             requests,
             protocol_errors,
@@ -181,6 +215,15 @@ impl Metrics {
     /// The gauge of held requests, which the router keeps current.
     pub fn held(&self) -> Gauge {
         self.held.clone()
+    }
+
+    /// One ask for a replica through a ModelWorker's scale subresource.
+    pub fn scale_up(&self, outcome: ScaleUp) {
+        self.scale_ups
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.label(),
+            })
+            .inc();
     }
 
     pub fn protocol_error(&self, reason: &'static str) {

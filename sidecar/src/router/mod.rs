@@ -9,6 +9,8 @@
 //! - A call that fails with UNAVAILABLE is retried once on another endpoint.
 //! - While a model has no ready endpoint, ModelInfer waits up to `--hold-timeout` (at most
 //!   `--max-held` requests at once), then answers UNAVAILABLE naming the model.
+//! - [`scale`]: with Kubernetes discovery, a held request for a ModelWorker at zero replicas that
+//!   allows it asks for one replica; one at zero that does not is answered at once.
 //! - [`brokered`]: brokered region references become one-time grants for a colocated worker, or
 //!   bytes read from the region for a remote one.
 //! - [`named`]: Triton-style registrations (`--allow-named-shm`), per client connection
@@ -18,6 +20,7 @@ pub mod brokered;
 pub mod connection;
 pub mod discovery;
 pub mod named;
+pub mod scale;
 mod service;
 
 use std::collections::HashMap;
@@ -30,6 +33,7 @@ use remotemedia_proto::inference::grpc_inference_service_client::GrpcInferenceSe
 use tonic::transport::Channel;
 
 pub use discovery::{Discovery, EndpointSpec, Endpoints, StaticFile};
+use scale::{Joined, ScaleFromZero, Target};
 pub use service::{RouterService, Transport};
 
 /// How long an endpoint that answered UNAVAILABLE gets no new requests.
@@ -54,6 +58,8 @@ pub struct Router {
     held: AtomicUsize,
     held_gauge: Gauge,
     seed: AtomicU64,
+    /// With Kubernetes discovery: ModelWorkers at zero replicas.
+    scale: Option<ScaleFromZero>,
 }
 
 /// One worker endpoint: its client (connected lazily) and its load.
@@ -80,6 +86,10 @@ pub enum RouteError {
     Ambiguous(String),
     #[error("too many requests held waiting for a worker for model '{0}'")]
     TooManyHeld(String),
+    #[error(
+        "no ready worker for model '{0}': its ModelWorker has 0 replicas and does not allow scale from zero"
+    )]
+    ScaledToZero(String),
 }
 
 impl Worker {
@@ -123,8 +133,30 @@ fn served_name<'a>(declared: &'a str, requested: &str) -> Option<&'a str> {
     (declared == requested || bare == requested).then_some(bare)
 }
 
+/// Refuses a bare `requested` name that entries declared in more than one namespace serve.
+fn unambiguous<'a>(
+    declared: impl Iterator<Item = &'a str>,
+    requested: &str,
+) -> Result<(), RouteError> {
+    let mut namespaces = declared
+        .filter(|declared| served_name(declared, requested).is_some())
+        .map(|declared| declared.rsplit_once('/').map(|(ns, _)| ns));
+    if let Some(first) = namespaces.next()
+        && namespaces.any(|other| other != first)
+        && !requested.contains('/')
+    {
+        return Err(RouteError::Ambiguous(requested.to_owned()));
+    }
+    Ok(())
+}
+
 impl Router {
-    pub fn new(config: RouterConfig, endpoints: Endpoints, held_gauge: Gauge) -> Arc<Self> {
+    pub fn new(
+        config: RouterConfig,
+        endpoints: Endpoints,
+        held_gauge: Gauge,
+        scale: Option<ScaleFromZero>,
+    ) -> Arc<Self> {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
@@ -136,6 +168,7 @@ impl Router {
             held: AtomicUsize::new(0),
             held_gauge,
             seed: AtomicU64::new(seed),
+            scale,
         })
     }
 
@@ -199,16 +232,7 @@ impl Router {
     /// two random choices. `Ok(None)`: the model has no ready endpoint now.
     pub fn pick(&self, model: &str, tried: &[String]) -> Result<Option<Route>, RouteError> {
         let specs = self.endpoints.borrow().clone();
-        let mut namespaces = specs
-            .iter()
-            .filter(|spec| served_name(&spec.model, model).is_some())
-            .map(|spec| spec.model.rsplit_once('/').map(|(ns, _)| ns));
-        if let Some(first) = namespaces.next()
-            && namespaces.any(|other| other != first)
-            && !model.contains('/')
-        {
-            return Err(RouteError::Ambiguous(model.to_owned()));
-        }
+        unambiguous(specs.iter().map(|spec| spec.model.as_str()), model)?;
         let now = Instant::now();
         let candidates: Vec<(Arc<Worker>, &str)> = specs
             .iter()
@@ -241,8 +265,22 @@ impl Router {
         }))
     }
 
+    /// What scale from zero says of `model`, which has no ready endpoint: the ModelWorker to
+    /// ask for a replica of, nothing, or an error when nothing will start a worker.
+    fn scaling(&self, model: &str) -> Result<Option<(&ScaleFromZero, Target)>, RouteError> {
+        let Some(scale) = &self.scale else {
+            return Ok(None);
+        };
+        match scale.decide(model)? {
+            scale::Decision::Wait => Ok(None),
+            scale::Decision::ScaleUp(target) => Ok(Some((scale, target))),
+            scale::Decision::Refuse => Err(RouteError::ScaledToZero(model.to_owned())),
+        }
+    }
+
     /// Like [`Router::pick`], but waits (up to the hold timeout, or `deadline` if sooner) while
-    /// the model has no ready endpoint.
+    /// the model has no ready endpoint, asking for a replica of a ModelWorker at zero that
+    /// allows it.
     pub async fn pick_or_hold(
         &self,
         model: &str,
@@ -252,6 +290,8 @@ impl Router {
         if let Some(route) = self.pick(model, tried)? {
             return Ok(route);
         }
+        // Before taking a hold place: a model nothing will start is answered at once.
+        let mut scaling = self.scaling(model)?;
         let limit = Instant::now() + self.config.hold_timeout;
         let until = deadline.map_or(limit, |deadline| deadline.min(limit));
         let held = self.held.fetch_add(1, Ordering::Relaxed);
@@ -263,7 +303,13 @@ impl Router {
         let mut changes = self.endpoints.clone();
         // A source that stopped (or never had a sender) cannot wake us: poll only.
         let mut watching = true;
+        let mut episode: Option<Joined> = None;
         loop {
+            if episode.is_none()
+                && let Some((scale, target)) = scaling.take()
+            {
+                episode = Some(scale.join(target));
+            }
             let now = Instant::now();
             if now >= until {
                 return Err(RouteError::Unavailable(model.to_owned()));
@@ -276,6 +322,7 @@ impl Router {
             if let Some(route) = self.pick(model, tried)? {
                 return Ok(route);
             }
+            scaling = self.scaling(model)?;
         }
     }
 }
@@ -314,7 +361,10 @@ mod tests {
             max_held: 1,
             max_message_bytes: 1 << 20,
         };
-        (Router::new(config, receiver, Gauge::default()), sender)
+        (
+            Router::new(config, receiver, Gauge::default(), None),
+            sender,
+        )
     }
 
     #[tokio::test]
@@ -406,5 +456,159 @@ mod tests {
         sender.send_replace(Arc::new(vec![spec("m", "a:1", "there")]));
         assert_eq!(waiting.await.unwrap().unwrap(), "a:1");
         assert_eq!(router.held(), 0);
+    }
+
+    /// Records each ask for a replica and answers `scaled`.
+    #[derive(Default)]
+    struct FakeScaler {
+        asks: Mutex<Vec<scale::Target>>,
+    }
+
+    impl scale::Scaler for FakeScaler {
+        fn ask_for_one(
+            &self,
+            target: scale::Target,
+        ) -> futures::future::BoxFuture<'static, crate::metrics::ScaleUp> {
+            self.asks.lock().unwrap().push(target);
+            Box::pin(async { crate::metrics::ScaleUp::Scaled })
+        }
+    }
+
+    impl FakeScaler {
+        fn asks(&self) -> usize {
+            self.asks.lock().unwrap().len()
+        }
+    }
+
+    fn vad_scale(replicas: i32, scale_from_zero: bool) -> scale::WorkerScale {
+        scale::WorkerScale {
+            target: scale::Target {
+                namespace: "ml".into(),
+                name: "vad-worker".into(),
+            },
+            model: "ml/vad".into(),
+            replicas,
+            scale_from_zero,
+        }
+    }
+
+    struct Scaling {
+        router: Arc<Router>,
+        endpoints: tokio::sync::watch::Sender<Arc<Vec<EndpointSpec>>>,
+        scales: tokio::sync::watch::Sender<Arc<Vec<scale::WorkerScale>>>,
+        scaler: Arc<FakeScaler>,
+        metrics: Arc<crate::metrics::Metrics>,
+    }
+
+    /// A router with Kubernetes-like scale from zero over a fake scaler: `vad` in `ml` at
+    /// `vad`'s scale, no endpoint, three hold places.
+    fn scaling(vad: scale::WorkerScale, hold_timeout: Duration) -> Scaling {
+        let (endpoints, receiver) = tokio::sync::watch::channel(Arc::new(Vec::new()));
+        let (scales, scales_receiver) = tokio::sync::watch::channel(Arc::new(vec![vad]));
+        let scaler = Arc::new(FakeScaler::default());
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let config = RouterConfig {
+            node_name: Some("here".into()),
+            hold_timeout,
+            max_held: 3,
+            max_message_bytes: 1 << 20,
+        };
+        let scale = ScaleFromZero::new(scales_receiver, scaler.clone(), metrics.clone());
+        let router = Router::new(config, receiver, Gauge::default(), Some(scale));
+        Scaling {
+            router,
+            endpoints,
+            scales,
+            scaler,
+            metrics,
+        }
+    }
+
+    async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn held_requests_for_a_model_at_zero_ask_for_one_replica_once_per_episode_and_are_served_when_ready()
+     {
+        let s = scaling(vad_scale(0, true), Duration::from_secs(10));
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                let router = s.router.clone();
+                tokio::spawn(async move {
+                    router
+                        .pick_or_hold("vad", &[], None)
+                        .await
+                        .map(|r| r.worker.address.clone())
+                })
+            })
+            .collect();
+        until("three held requests", || s.router.held() == 3).await;
+        assert!(matches!(
+            s.router.pick_or_hold("vad", &[], None).await,
+            Err(RouteError::TooManyHeld(_))
+        ));
+        assert_eq!(s.scaler.asks(), 1, "one ask for the whole episode");
+        until("the ask counted", || {
+            s.metrics
+                .encode()
+                .contains("remotemedia_sidecar_scale_ups_total{outcome=\"scaled\"} 1\n")
+        })
+        .await;
+        // The replica the ask started becomes ready: every held request is served by it.
+        s.scales.send_replace(Arc::new(vec![vad_scale(1, true)]));
+        s.endpoints
+            .send_replace(Arc::new(vec![spec("ml/vad", "a:1", "here")]));
+        for request in held {
+            assert_eq!(request.await.unwrap().unwrap(), "a:1");
+        }
+        assert_eq!(s.router.held(), 0);
+        assert_eq!(s.scaler.asks(), 1);
+
+        // Back at zero later: the next request opens a new episode and asks again.
+        s.endpoints.send_replace(Arc::new(Vec::new()));
+        s.scales.send_replace(Arc::new(vec![vad_scale(0, true)]));
+        let soon = Instant::now() + Duration::from_millis(200);
+        let error = s.router.pick_or_hold("ml/vad", &[], Some(soon)).await;
+        assert!(matches!(error, Err(RouteError::Unavailable(_))));
+        assert_eq!(s.scaler.asks(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_held_request_whose_replica_never_gets_ready_times_out_naming_the_model() {
+        let s = scaling(vad_scale(0, true), Duration::from_millis(300));
+        let started = Instant::now();
+        let error = s.router.pick_or_hold("vad", &[], None).await.err().unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert_eq!(error.to_string(), "no ready worker for model 'vad'");
+        assert_eq!(s.scaler.asks(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_model_at_zero_without_scale_from_zero_is_refused_at_once_without_holding() {
+        let s = scaling(vad_scale(0, false), Duration::from_secs(10));
+        let started = Instant::now();
+        let error = s.router.pick_or_hold("vad", &[], None).await.err().unwrap();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(matches!(error, RouteError::ScaledToZero(_)), "{error}");
+        assert!(error.to_string().contains("'vad'"), "{error}");
+        assert_eq!(s.router.held(), 0);
+        assert_eq!(s.scaler.asks(), 0);
+
+        // Scaled to zero while a request waits for a replica that was coming: refused then.
+        s.scales.send_replace(Arc::new(vec![vad_scale(1, false)]));
+        let waiting = tokio::spawn({
+            let router = s.router.clone();
+            async move { router.pick_or_hold("vad", &[], None).await.err() }
+        });
+        until("a held request", || s.router.held() == 1).await;
+        s.scales.send_replace(Arc::new(vec![vad_scale(0, false)]));
+        let error = waiting.await.unwrap().unwrap();
+        assert!(matches!(error, RouteError::ScaledToZero(_)), "{error}");
+        assert_eq!(s.scaler.asks(), 0);
     }
 }

@@ -98,9 +98,9 @@ impl From<RouteError> for Status {
     fn from(error: RouteError) -> Self {
         match error {
             RouteError::Ambiguous(_) => Status::invalid_argument(error.to_string()),
-            RouteError::Unavailable(_) | RouteError::TooManyHeld(_) => {
-                Status::unavailable(error.to_string())
-            }
+            RouteError::Unavailable(_)
+            | RouteError::TooManyHeld(_)
+            | RouteError::ScaledToZero(_) => Status::unavailable(error.to_string()),
         }
     }
 }

@@ -7,6 +7,9 @@
 //! model `namespace/modelId` of the ModelWorker it names; a slice naming no ModelWorker (yet) is
 //! left out. Only endpoints that are serving and not terminating are listed: the others get no new
 //! requests, and the router's calls already sent to them finish on the connections they hold.
+//!
+//! The same ModelWorker watch gives each ModelWorker's replicas and `scaleFromZero` to the
+//! router's scale from zero ([`crate::router::scale`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use remotemedia_crds::ModelWorker;
 use tokio::sync::watch;
 
 use super::{Discovery, EndpointSpec, Endpoints, error_chain};
+use crate::router::scale::{Scales, Target, WorkerScale};
 
 /// The label the operator puts on a ModelWorker's Service (and the controller on its slices).
 pub const LABEL_MODEL_ID: &str = "remotemedia.io/model-id";
@@ -30,7 +34,16 @@ const GRPC_PORT_NAME: &str = "grpc";
 
 /// Watches every namespace the client's credentials may list.
 pub struct Kubernetes {
-    pub client: kube::Client,
+    client: kube::Client,
+    scales: watch::Sender<Arc<Vec<WorkerScale>>>,
+}
+
+impl Kubernetes {
+    /// Discovery through `client`, and the ModelWorkers' scales it keeps current once watching.
+    pub fn new(client: kube::Client) -> (Self, Scales) {
+        let (scales, receiver) = watch::channel(Arc::new(Vec::new()));
+        (Self { client, scales }, receiver)
+    }
 }
 
 impl Discovery for Kubernetes {
@@ -54,6 +67,7 @@ impl Discovery for Kubernetes {
         );
         tokio::spawn(publish(
             sender,
+            self.scales,
             workers,
             slices,
             steps(worker_events),
@@ -89,6 +103,7 @@ where
 
 async fn publish(
     sender: watch::Sender<Arc<Vec<EndpointSpec>>>,
+    scales_sender: watch::Sender<Arc<Vec<WorkerScale>>>,
     workers: Store<ModelWorker>,
     slices: Store<EndpointSlice>,
     worker_steps: impl Stream<Item = Result<Step, watcher::Error>>,
@@ -107,12 +122,21 @@ async fn publish(
             Ok(step) => {
                 listed[source] |= step == Step::Listed;
                 if listed == [true, true] {
-                    let specs = endpoints(&workers.state(), &slices.state());
+                    let workers = workers.state();
+                    let specs = endpoints(&workers, &slices.state());
                     sender.send_if_modified(|current| {
                         let changed = **current != specs;
                         if changed {
                             tracing::info!(endpoints = specs.len(), "endpoints changed");
                             *current = Arc::new(specs);
+                        }
+                        changed
+                    });
+                    let scales = scales(&workers);
+                    scales_sender.send_if_modified(|current| {
+                        let changed = **current != scales;
+                        if changed {
+                            *current = Arc::new(scales);
                         }
                         changed
                     });
@@ -126,6 +150,25 @@ async fn publish(
             return;
         }
     }
+}
+
+/// Each ModelWorker's replicas and `scaleFromZero`, sorted so that equal inputs give equal lists.
+pub fn scales(workers: &[Arc<ModelWorker>]) -> Vec<WorkerScale> {
+    let mut scales: Vec<WorkerScale> = workers
+        .iter()
+        .filter_map(|worker| {
+            let namespace = worker.metadata.namespace.clone()?;
+            let name = worker.metadata.name.clone()?;
+            Some(WorkerScale {
+                model: format!("{namespace}/{}", worker.spec.model_id),
+                target: Target { namespace, name },
+                replicas: worker.spec.replicas,
+                scale_from_zero: worker.spec.scale_from_zero,
+            })
+        })
+        .collect();
+    scales.sort_by(|a, b| a.target.cmp(&b.target));
+    scales
 }
 
 /// The router's endpoint list from ModelWorkers and EndpointSlices, sorted so that equal inputs
@@ -205,6 +248,35 @@ mod tests {
             }))
             .unwrap(),
         )
+    }
+
+    #[test]
+    fn each_model_worker_gives_its_namespaced_model_replicas_and_scale_from_zero() {
+        let mut at_zero = (*worker("ml", "vad-worker", "vad")).clone();
+        at_zero.spec.replicas = 0;
+        at_zero.spec.scale_from_zero = true;
+        let listed = scales(&[Arc::new(at_zero), worker("a", "asr-worker", "asr")]);
+        let target = |namespace: &str, name: &str| Target {
+            namespace: namespace.into(),
+            name: name.into(),
+        };
+        assert_eq!(
+            listed,
+            [
+                WorkerScale {
+                    target: target("a", "asr-worker"),
+                    model: "a/asr".into(),
+                    replicas: 1,
+                    scale_from_zero: false,
+                },
+                WorkerScale {
+                    target: target("ml", "vad-worker"),
+                    model: "ml/vad".into(),
+                    replicas: 0,
+                    scale_from_zero: true,
+                },
+            ]
+        );
     }
 
     fn slice(namespace: &str, service: &str, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
