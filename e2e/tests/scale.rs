@@ -155,10 +155,13 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     near.wait_ready().await?;
     far.wait_ready().await?;
 
+    // Model ids of this test alone: the sidecars watch every namespace, and ModelWorkers of other
+    // tests (whose pods kwok made ready at addresses nothing listens on) may still be there.
+    let (vad, asr) = (&format!("{}-vad", ns.name), &format!("{}-asr", ns.name));
     let workers = ns.api::<ModelWorker>();
     for worker in [
-        at_zero("asr-worker", "asr", false),
-        at_zero("vad-worker", "vad", true),
+        at_zero("asr-worker", asr, false),
+        at_zero("vad-worker", vad, true),
     ] {
         workers
             .create(&PostParams::default(), &worker)
@@ -170,7 +173,7 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     // listed the ModelWorker; until then the request is held to its 2 s deadline).
     let (near, far) = (&near, &far);
     let (status, took) = wait_until("the sidecar to refuse asr at once", SETTLE, || async move {
-        let (status, took) = near.infer("asr", Some(Duration::from_secs(2))).await;
+        let (status, took) = near.infer(asr, Some(Duration::from_secs(2))).await;
         Ok(if status.message().contains("scale from zero") {
             Probe::Done((status, took))
         } else {
@@ -179,16 +182,16 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     })
     .await?;
     assert_eq!(status.code(), Code::Unavailable);
-    assert!(status.message().contains("'asr'"), "{status:?}");
+    assert!(status.message().contains(&format!("'{asr}'")), "{status:?}");
     assert!(took < Duration::from_secs(1), "answered after {took:?}");
 
     // scaleFromZero: three requests held on one sidecar (its --max-held), one on the other.
-    let namespaced = format!("{}/vad", ns.name);
+    let namespaced = format!("{}/{vad}", ns.name);
     let requests = futures::future::join_all([
-        near.infer("vad", None),
+        near.infer(vad, None),
         near.infer(&namespaced, None),
-        near.infer("vad", None),
-        far.infer("vad", None),
+        near.infer(vad, None),
+        far.infer(vad, None),
     ]);
     let workers = &workers;
     let deployments = &ns.api::<Deployment>();
@@ -203,7 +206,7 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
             })
         })
         .await?;
-        let (status, _) = near.infer("vad", None).await;
+        let (status, _) = near.infer(vad, None).await;
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert!(
             status.message().contains("too many requests held"),
@@ -270,7 +273,7 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     let (answers, observed) = tokio::join!(requests, observe);
     observed?;
     // Nothing serves: every held request ends at the hold timeout, naming its model.
-    for ((status, took), model) in answers.iter().zip(["vad", &namespaced, "vad", "vad"]) {
+    for ((status, took), model) in answers.iter().zip([vad, &namespaced, vad, vad]) {
         assert_eq!(status.code(), Code::Unavailable, "{status:?}");
         assert_eq!(
             status.message(),
@@ -316,7 +319,7 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     let (scaled_before, asks_before) = (near.metric(SCALED), asks(near));
     // Each request waits at most 1 s (its deadline), so each is an episode of its own.
     wait_until("a second ask", SETTLE, || async move {
-        near.infer("vad", Some(Duration::from_secs(1))).await;
+        near.infer(vad, Some(Duration::from_secs(1))).await;
         Ok(if asks(near) > asks_before {
             Probe::Done(())
         } else {
