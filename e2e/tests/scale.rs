@@ -157,6 +157,9 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     near.wait_ready().await?;
     far.wait_ready().await?;
 
+    // Model ids of this test alone: the sidecars watch every namespace, and ModelWorkers of other
+    // tests (whose pods kwok made ready at addresses nothing listens on) may still be there.
+    let (vad, asr) = (&format!("{}-vad", ns.name), &format!("{}-asr", ns.name));
     let workers = ns.api::<ModelWorker>();
     for worker in [
         at_zero("asr-worker", asr, false),

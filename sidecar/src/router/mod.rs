@@ -58,7 +58,7 @@ pub struct Router {
     held: AtomicUsize,
     held_gauge: Gauge,
     seed: AtomicU64,
-    /// With Kubernetes discovery: ModelWorkers at zero replicas.
+    /// Scale from zero (Kubernetes discovery only).
     scale: Option<ScaleFromZero>,
 }
 
