@@ -138,10 +138,6 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     let client = client().await?;
     install_crd(&client).await?;
     let ns = TestNamespace::create(&client, "scale").await?;
-    // Model ids of this test alone: a bare model name matches every namespace's ModelWorkers, and
-    // other tests' namespaces (with their `vad`) may still be terminating.
-    let tag = ns.name.rsplit('-').next().unwrap_or_default().to_owned();
-    let (asr, vad) = (&*format!("asr-{tag}"), &*format!("vad-{tag}"));
     install_without_crd(&ns.name, &[]);
     let kubeconfig = service_account_kubeconfig(&ns.name, &service_account(&ns.name, "sidecar"))?;
     let kubeconfig_path = kubeconfig
