@@ -1,8 +1,10 @@
 //! How many ModelWorkers one operator carries, and what it costs: creates N ModelWorkers (one
 //! replica each) in a fresh namespace, starts `remotemedia-operator` as a process watching only
 //! that namespace, and prints the operator's latency (creation → Deployment, pods ready →
-//! `Ready=True`), the time until all N are Ready, its peak RSS and CPU seconds, and the signs of
-//! what limited the run.
+//! `Ready=True`), what it waits for (the API server creating each Service; and the Deployment
+//! controller counting the pods, which it no longer waits for), its share once those are there,
+//! the time until all N are Ready, its peak RSS and CPU seconds, and the signs of what limited
+//! the run.
 //!
 //! Run by `e2e/bench.sh` (`make bench`), which brings up the local control plane with stated rate
 //! settings, builds the operator in release mode beside this program, and tears everything down:
