@@ -1,8 +1,10 @@
 //! How many ModelWorkers one operator carries, and what it costs: creates N ModelWorkers (one
 //! replica each) in a fresh namespace, starts `remotemedia-operator` as a process watching only
 //! that namespace, and prints the operator's latency (creation → Deployment, pods ready →
-//! `Ready=True`), the time until all N are Ready, its peak RSS and CPU seconds, and the signs of
-//! what limited the run.
+//! `Ready=True`), what it waits for (the API server creating each Service; and the Deployment
+//! controller counting the pods, which it no longer waits for), its share once those are there,
+//! the time until all N are Ready, its peak RSS and CPU seconds, and the signs of what limited
+//! the run.
 //!
 //! Run by `e2e/bench.sh` (`make bench`), which brings up the local control plane with stated rate
 //! settings, builds the operator in release mode beside this program, and tears everything down:
@@ -18,7 +20,10 @@ use std::{
 
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::{
-    api::{apps::v1::Deployment, core::v1::Node, core::v1::Pod},
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Node, Pod, Service},
+    },
     apimachinery::pkg::apis::meta::v1::Time,
 };
 use kube::{
@@ -121,6 +126,16 @@ fn worker_ready(worker: &ModelWorker) -> bool {
     }))
 }
 
+/// The Deployment controller has counted the pods of the current template (the operator's status
+/// waited for this until it read the template from the pods' label).
+fn deployment_updated(deployment: &Deployment) -> bool {
+    let Some(status) = &deployment.status else {
+        return false;
+    };
+    status.observed_generation >= deployment.metadata.generation
+        && status.updated_replicas.unwrap_or(0) >= 1
+}
+
 fn owner_label<K: Resource>(object: &K) -> Option<String> {
     object
         .meta()
@@ -188,6 +203,13 @@ fn lags(from: &HashMap<String, Instant>, to: &HashMap<String, Instant>) -> Vec<f
             let end = to.get(name)?;
             Some(end.saturating_duration_since(*start).as_secs_f64() * 1e3)
         })
+        .collect()
+}
+
+/// Per ModelWorker seen in both, the later of its two moments.
+fn later(a: &HashMap<String, Instant>, b: &HashMap<String, Instant>) -> HashMap<String, Instant> {
+    a.iter()
+        .filter_map(|(name, at)| Some((name.clone(), *at.max(b.get(name)?))))
         .collect()
 }
 
@@ -347,12 +369,24 @@ async fn run(
     .await?;
 
     let deployments_seen = Seen::default();
+    let deployments_updated = Seen::default();
+    let services_seen = Seen::default();
     let pods_ready = Seen::default();
     let workers_ready = Seen::default();
     let recorders = [
         tokio::spawn(record(
             ns.api::<Deployment>(),
             deployments_seen.clone(),
+            owner_label,
+        )),
+        tokio::spawn(record(
+            ns.api::<Deployment>(),
+            deployments_updated.clone(),
+            |d| deployment_updated(d).then(|| owner_label(d)).flatten(),
+        )),
+        tokio::spawn(record(
+            ns.api::<Service>(),
+            services_seen.clone(),
             owner_label,
         )),
         tokio::spawn(record(ns.api::<Pod>(), pods_ready.clone(), |p| {
@@ -473,6 +507,14 @@ async fn run(
     let mut create_latency: Vec<f64> = created.iter().map(|(_, _, ms)| *ms).collect();
     let deployments_seen = deployments_seen.lock().expect("no recorder panics").clone();
     let pods_ready = pods_ready.lock().expect("no recorder panics").clone();
+    let deployments_updated = deployments_updated
+        .lock()
+        .expect("no recorder panics")
+        .clone();
+    let services_seen = services_seen.lock().expect("no recorder panics").clone();
+    // Ready=True also needs the Service (clients reach the workers through it): the operator's
+    // own share starts when both are there.
+    let inputs_ready = later(&pods_ready, &services_seen);
     let workers_ready = workers_ready.lock().expect("no recorder panics").clone();
     // The last sighting, not the poll that noticed it.
     let ready_all = workers_ready
@@ -495,6 +537,21 @@ async fn run(
         "{:<58} {}",
         "pods ready -> Ready=True, watched",
         ms(&mut lags(&pods_ready, &workers_ready))
+    );
+    println!(
+        "{:<58} {}",
+        "pods ready -> Deployment controller counts them, watched",
+        ms(&mut lags(&pods_ready, &deployments_updated))
+    );
+    println!(
+        "{:<58} {}",
+        "later of pods ready, Service created -> Ready=True, watched",
+        ms(&mut lags(&inputs_ready, &workers_ready))
+    );
+    println!(
+        "{:<58} {}",
+        "creation -> Service, watched (API server: ClusterIP)",
+        ms(&mut lags(&created_at, &services_seen))
     );
     println!(
         "{:<58} {}",

@@ -123,7 +123,7 @@ async fn reconcile_one(worker: &ModelWorker, ctx: &Context) -> Result<Action, Re
         return Ok(Action::await_change());
     }
     let client = &ctx.client;
-    let (deployment, endpoint, invalid) = match validate(worker) {
+    let (deployment, template_hash, endpoint, invalid) = match validate(worker) {
         Ok(valid) => {
             let desired = Desired::build(&valid, &ctx.worker);
             let deployment =
@@ -135,9 +135,14 @@ async fn reconcile_one(worker: &ModelWorker, ctx: &Context) -> Result<Action, Re
                 }
                 None => delete_pdb(client, worker, &namespace, &name).await?,
             }
-            (Some(deployment), Some(endpoint(&name, &namespace)), None)
+            (
+                Some(deployment),
+                Some(desired.template_hash),
+                Some(endpoint(&name, &namespace)),
+                None,
+            )
         }
-        Err(invalid) => (None, None, Some(invalid.to_string())),
+        Err(invalid) => (None, None, None, Some(invalid.to_string())),
     };
     let pods = Api::<Pod>::namespaced(client.clone(), &namespace)
         .list(&ListParams::default().labels(&selector_string(&name)))
@@ -153,6 +158,7 @@ async fn reconcile_one(worker: &ModelWorker, ctx: &Context) -> Result<Action, Re
         generation: worker.metadata.generation,
         desired_replicas: worker.spec.replicas,
         deployment: deployment.as_ref(),
+        template_hash: template_hash.as_deref(),
         pods: &pods,
         duplicates: &duplicates,
         model_id: &worker.spec.model_id,

@@ -215,10 +215,29 @@ pub fn endpoint(name: &str, namespace: &str) -> String {
     format!("{name}.{namespace}.svc:{GRPC_PORT}")
 }
 
+/// A hash of a pod template (FNV-1a, 64 bits, of its JSON), carried by the template as the label
+/// [`LABEL_TEMPLATE_HASH`]: a pod with the current hash runs the current template. Status counts
+/// ready pods by it instead of waiting for the ReplicaSet and Deployment controllers to count
+/// them (`status.updatedReplicas`), which under load lagged the pods by seconds. The template
+/// holds only what [`Desired::build`] puts there, so the hash changes exactly when the template
+/// does (and with it, once, when an operator of another version first applies a Deployment).
+pub fn template_hash(template: &PodTemplateSpec) -> String {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    // Serializing plain data into memory cannot fail: it has no maps with non-string keys.
+    let json = serde_json::to_vec(template).unwrap_or_default();
+    let hash = json.iter().fold(OFFSET, |hash, byte| {
+        (hash ^ u64::from(*byte)).wrapping_mul(PRIME)
+    });
+    format!("{hash:016x}")
+}
+
 /// Every object one ModelWorker should own.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Desired {
     pub deployment: Deployment,
+    /// The label [`LABEL_TEMPLATE_HASH`] of the Deployment's pod template.
+    pub template_hash: String,
     pub service: Service,
     /// `None`: the ModelWorker must have no PodDisruptionBudget (one replica or none).
     pub pdb: Option<PodDisruptionBudget>,
@@ -247,19 +266,27 @@ impl Desired {
             match_labels: Some(selector_labels(&name)),
             ..LabelSelector::default()
         };
+        let mut template = PodTemplateSpec {
+            metadata: Some(ObjectMeta {
+                labels: Some(labels),
+                ..ObjectMeta::default()
+            }),
+            spec: Some(pod_spec(valid, defaults)),
+        };
+        let hash = template_hash(&template);
+        template
+            .metadata
+            .get_or_insert_default()
+            .labels
+            .get_or_insert_default()
+            .insert(LABEL_TEMPLATE_HASH.into(), hash.clone());
         let deployment = Deployment {
             metadata: meta.clone(),
             spec: DeploymentSpec {
                 replicas: Some(spec.replicas),
                 selector: selector.clone(),
                 strategy: Some(strategy(worker)),
-                template: PodTemplateSpec {
-                    metadata: Some(ObjectMeta {
-                        labels: Some(labels),
-                        ..ObjectMeta::default()
-                    }),
-                    spec: Some(pod_spec(valid, defaults)),
-                },
+                template,
                 ..DeploymentSpec::default()
             },
             status: None,
@@ -289,6 +316,7 @@ impl Desired {
         });
         Self {
             deployment,
+            template_hash: hash,
             service,
             pdb,
         }

@@ -13,6 +13,9 @@ pub const LABEL_MODEL_ID: &str = "remotemedia.io/model-id";
 pub const LABEL_APP_NAME: &str = "app.kubernetes.io/name";
 pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// On the pod template: a hash of the template without this label, so the pods of the current
+/// template are known from the pods alone (see [`crate::desired::template_hash`]).
+pub const LABEL_TEMPLATE_HASH: &str = "remotemedia.io/template-hash";
 /// Selects every object this operator manages: its watches list only these.
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=remotemedia-operator";
 

@@ -4,7 +4,13 @@
 //!
 //! Counts: `replicas` are the worker pods that exist and are not terminating, `readyReplicas`
 //! those of them whose `Ready` condition is true (read from the pods, so status follows them
-//! without waiting for the ReplicaSet and Deployment controllers to aggregate).
+//! without waiting for the ReplicaSet and Deployment controllers to aggregate). Which pods run
+//! the current template is read from the pods too, from their label
+//! [`crate::names::LABEL_TEMPLATE_HASH`], not from the Deployment's status (`observedGeneration`,
+//! `updatedReplicas`): that reaches the Deployment through two controllers, under load seconds
+//! after the pods were ready, and a reconcile that saw ready pods with the status of a
+//! Deployment it had just created said `Pending`. (A hand edit of the template that keeps the
+//! label makes pods that count as current until the operator's revert has rolled them back.)
 //!
 //! | Trigger (first matching row wins for `Ready`) | `Ready` | `Progressing` | `Degraded` |
 //! |---|---|---|---|
@@ -15,8 +21,8 @@
 //! | a not-ready pod's container waits in `CrashLoopBackOff` | False/`CrashLooping` | True/same | True/same |
 //! | a pod has `PodScheduled=False`/`Unschedulable` and the scheduler's message names `nvidia.com/gpu` | False/`InsufficientGPU`, the scheduler's message | True/same | True/same |
 //! | a pod has `PodScheduled=False`/`Unschedulable`, other message | False/`Unschedulable`, the scheduler's message | True/same | True/same |
-//! | fewer ready pods than `spec.replicas`, extra pods, or the Deployment's rollout not observed | False/`Pending` | True/`Pending` | False/`Pending` |
-//! | as many ready pods as `spec.replicas` (0 included), rollout observed | True/`Available` | False/`Available` | False/`Available` |
+//! | fewer ready pods of the current template than `spec.replicas`, or extra pods (of any template) | False/`Pending` | True/`Pending` | False/`Pending` |
+//! | as many ready pods of the current template as `spec.replicas` (0 included), and no others | True/`Available` | False/`Available` | False/`Available` |
 //! | another ModelWorker (any watched namespace) has the same `modelId` | unchanged | unchanged | True/`DuplicateModelId`, naming the others |
 
 use k8s_openapi::{
@@ -25,7 +31,7 @@ use k8s_openapi::{
 };
 use remotemedia_crds::{ConditionReason, ConditionType, ModelWorkerStatus};
 
-use crate::names::GPU_RESOURCE;
+use crate::names::{GPU_RESOURCE, LABEL_TEMPLATE_HASH};
 
 /// What blocks worker pods, with the message that says why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +47,8 @@ pub struct Observed<'a> {
     pub desired_replicas: i32,
     /// The Deployment as the API server returned it from the apply; `None` when not applied.
     pub deployment: Option<&'a Deployment>,
+    /// The label [`crate::names::LABEL_TEMPLATE_HASH`] of the applied pod template.
+    pub template_hash: Option<&'a str>,
     pub pods: &'a [Pod],
     /// `<namespace>/<name>` of the other ModelWorkers with the same modelId.
     pub duplicates: &'a [String],
@@ -68,6 +76,12 @@ pub fn status(observed: &Observed<'_>) -> ModelWorkerStatus {
     let active: Vec<&Pod> = observed.pods.iter().filter(|pod| is_active(pod)).collect();
     let replicas = count(active.len());
     let ready_replicas = count(active.iter().filter(|pod| is_ready(pod)).count());
+    let current_ready = count(
+        active
+            .iter()
+            .filter(|pod| is_ready(pod) && is_current(pod, observed.template_hash))
+            .count(),
+    );
     let desired = observed.desired_replicas;
 
     let (ready, progressing, mut degraded) = if let Some(message) = &observed.invalid {
@@ -87,11 +101,9 @@ pub fn status(observed: &Observed<'_>) -> ModelWorkerStatus {
         let counts = if desired == 0 {
             "scaled to zero".to_owned()
         } else {
-            format!("{ready_replicas} of {desired} replicas ready")
+            format!("{current_ready} of {desired} replicas ready")
         };
-        let done = ready_replicas >= desired
-            && replicas == desired
-            && rollout_observed(observed.deployment, desired);
+        let done = current_ready >= desired && replicas == desired;
         if done {
             let available = ConditionReason::Available;
             (
@@ -184,16 +196,14 @@ fn truncate(mut text: String, max: usize) -> String {
     text
 }
 
-/// The Deployment controller has seen the current template and created its pods.
-fn rollout_observed(deployment: Option<&Deployment>, desired: i32) -> bool {
-    let Some(deployment) = deployment else {
-        return false;
-    };
-    let Some(status) = &deployment.status else {
-        return false;
-    };
-    status.observed_generation >= deployment.metadata.generation
-        && status.updated_replicas.unwrap_or(0) >= desired
+/// The pod was made from the template whose hash is `hash`.
+fn is_current(pod: &Pod, hash: Option<&str>) -> bool {
+    let label = pod
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(LABEL_TEMPLATE_HASH));
+    hash.is_some() && label.map(String::as_str) == hash
 }
 
 /// A pod that counts: not being deleted and not finished.

@@ -295,3 +295,31 @@ fn one_replica_or_none_gets_no_disruption_budget() {
     }
     assert!(build(json!({ "replicas": 2 })).pdb.is_some());
 }
+
+#[test]
+fn the_template_hash_label_changes_exactly_when_the_pod_template_does() {
+    let hash = |spec: Value| {
+        let desired = build(spec);
+        let mut template = desired.deployment.spec.template.clone();
+        let labels = template.metadata.as_mut().unwrap().labels.as_mut().unwrap();
+        let label = labels.remove(LABEL_TEMPLATE_HASH).expect("the hash label");
+        // The label is the hash of the rest of the template, as status compares it.
+        assert_eq!(label, template_hash(&template));
+        assert_eq!(label, desired.template_hash);
+        label
+    };
+    let base = hash(json!({ "replicas": 1 }));
+    assert_eq!(base.len(), 16);
+    assert_eq!(base, hash(json!({ "replicas": 1 })));
+    // Replicas and the disruption budget are not in the template: no rollout.
+    assert_eq!(base, hash(json!({ "replicas": 4 })));
+    assert_ne!(base, hash(json!({ "replicas": 1, "maxConcurrency": 7 })));
+    assert_ne!(
+        base,
+        hash(json!({ "replicas": 1, "model": { "uri": "file:///opt/other.pt" } }))
+    );
+    // Selectors never carry it: they are immutable, and every template's pods are the worker's.
+    let desired = build(json!({}));
+    let selector = desired.deployment.spec.selector.match_labels.unwrap();
+    assert!(!selector.contains_key(LABEL_TEMPLATE_HASH));
+}

@@ -5,8 +5,29 @@ use super::*;
 
 const GPU_MESSAGE: &str = "0/3 nodes are available: 1 node(s) didn't match Pod's node affinity/selector, 2 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available: 3 No preemption victims found for incoming pod.";
 
+/// The template hash of the Deployment the fixtures observe.
+const CURRENT: &str = "0123456789abcdef";
+
+/// A pod of the current template.
 fn pod(name: &str, status: Value) -> Pod {
-    serde_json::from_value(json!({ "metadata": { "name": name }, "status": status })).unwrap()
+    serde_json::from_value(json!({
+        "metadata": { "name": name, "labels": { LABEL_TEMPLATE_HASH: CURRENT } },
+        "status": status,
+    }))
+    .unwrap()
+}
+
+/// A ready pod of the template before the current one.
+fn ready_old_pod(name: &str) -> Pod {
+    let mut pod = ready_pod(name);
+    pod.metadata.labels = Some(
+        [(
+            LABEL_TEMPLATE_HASH.to_owned(),
+            "fedcba9876543210".to_owned(),
+        )]
+        .into(),
+    );
+    pod
 }
 
 fn ready_pod(name: &str) -> Pod {
@@ -25,7 +46,7 @@ fn unschedulable_pod(name: &str, message: &str) -> Pod {
     )
 }
 
-/// A Deployment whose controller observed generation 1 and updated `updated` pods.
+/// A Deployment whose controller observed generation 1 and counted `updated` pods.
 fn deployment(updated: i32, conditions: Value) -> Deployment {
     serde_json::from_value(json!({
         "metadata": { "name": "vad", "generation": 1 },
@@ -55,6 +76,7 @@ fn observe_with(
         generation: Some(7),
         desired_replicas: desired,
         deployment: Some(deployment),
+        template_hash: Some(CURRENT),
         pods,
         duplicates,
         model_id: "vad",
@@ -88,6 +110,7 @@ fn invalid_spec_is_not_ready_and_degraded_with_the_validation_message() {
         generation: Some(2),
         desired_replicas: 1,
         deployment: None,
+        template_hash: None,
         pods: &[],
         duplicates: &[],
         model_id: "vad",
@@ -247,14 +270,36 @@ fn scaled_to_zero_is_available() {
 }
 
 #[test]
-fn ready_pods_of_an_unobserved_rollout_are_not_yet_available() {
-    let stale: Deployment = serde_json::from_value(json!({
-        "metadata": { "name": "vad", "generation": 2 },
+fn ready_pods_of_the_current_template_are_available_before_the_deployment_counts_them() {
+    // The Deployment as its creation returned it: no status yet.
+    let created: Deployment = serde_json::from_value(json!({
+        "metadata": { "name": "vad", "generation": 1 },
         "spec": { "selector": {}, "template": {} },
-        "status": { "observedGeneration": 1, "updatedReplicas": 1 },
     }))
     .unwrap();
-    let status = observe_with(1, &[ready_pod("vad-0")], &stale, &[], None);
+    let status = observe_with(1, &[ready_pod("vad-0")], &created, &[], None);
+    assert_ready(&status, "True", "Available");
+    // Observed, but the pod not yet counted.
+    let status = observe_with(
+        1,
+        &[ready_pod("vad-0")],
+        &deployment(0, json!([])),
+        &[],
+        None,
+    );
+    assert_ready(&status, "True", "Available");
+}
+
+#[test]
+fn ready_pods_of_an_older_template_do_not_count_during_a_rollout() {
+    // No surge (cuda): one old pod replaced so far, the other still serving the old template.
+    let status = observe(2, &[ready_old_pod("vad-old"), ready_pod("vad-new")]);
+    assert_eq!(
+        assert_ready(&status, "False", "Pending"),
+        "1 of 2 replicas ready"
+    );
+    assert_eq!(status.ready_replicas, 2);
+    let status = observe(1, &[ready_old_pod("vad-old")]);
     assert_ready(&status, "False", "Pending");
 }
 
