@@ -47,6 +47,9 @@ bench: ## Run every benchmark and print its table (QUICK=1: one short pass per r
 	source scripts/torch-env.sh && cargo bench --locked -p remotemedia-model-worker --features torch --bench worker -- --models "$(abspath $(MODELS_DIR))" $(if $(QUICK),--quick)
 	@scripts/python-sdk.sh
 	"$$(scripts/venv.sh)/bin/python" python/benches/sdk.py $(if $(QUICK),--quick)
+	cargo build --release --locked -p remotemedia-sidecar -p remotemedia-model-worker
+	cargo build --release --locked -p remotemedia-runtime-core --example client_loop
+	"$$(scripts/venv.sh)/bin/python" python/benches/client.py $(if $(QUICK),--quick)
 	e2e/bench.sh $(if $(QUICK),--quick)
 
 FUZZ_SECONDS ?= 60
