@@ -19,7 +19,13 @@ pub use config::{Args, Config, ConfigError, DiscoverySource};
 use remotemedia_proto::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use remotemedia_runtime_core::shm::broker::{BROKER_SOCKET, socket};
 
-use router::connection::{ConnectionId, Tracked};
+use axum::Extension;
+use axum::extract::ConnectInfo;
+use axum::serve::{Listener, ListenerExt};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use router::connection::Tracked;
 use router::discovery::kubernetes::Kubernetes;
 use router::named::NamedRegistry;
 use router::scale::{ModelWorkerScaler, ScaleFromZero};
@@ -120,6 +126,8 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
     let max_message_bytes = router_config.max_message_bytes;
     let router = router::Router::new(router_config, endpoints, metrics.held(), scale);
     let named = Arc::new(NamedRegistry::new(allow_named_shm));
+    // h2 windows are at most 2^31 - 1 bytes.
+    let window = u32::try_from(max_message_bytes.min(i32::MAX as usize)).unwrap_or(i32::MAX as u32);
     let grpc = |transport| {
         let service = RouterService::new(
             router.clone(),
@@ -134,14 +142,19 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
                 .max_encoding_message_size(max_message_bytes),
         )
         .into_axum_router()
-        .into_make_service_with_connect_info::<ConnectionId>()
     };
     let unix = Tracked::new(infer_unix, named.clone());
-    let unix = tokio::spawn(axum::serve(unix, grpc(Transport::Unix)).into_future());
+    let unix = tokio::spawn(serve_grpc(unix, grpc(Transport::Unix), window));
     let tcp = infer_tcp.map(|listener| {
         tracing::info!(address = ?listener.local_addr().ok(), "inference over TCP");
+        // Without TCP_NODELAY, Nagle's algorithm holds HTTP/2's small frames back.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(error) = tcp.set_nodelay(true) {
+                tracing::warn!(%error, "failed to set TCP_NODELAY");
+            }
+        });
         let listener = Tracked::new(listener, named.clone());
-        tokio::spawn(axum::serve(listener, grpc(Transport::Tcp)).into_future())
+        tokio::spawn(serve_grpc(listener, grpc(Transport::Tcp), window))
     });
     let tcp = async move {
         match tcp {
@@ -193,6 +206,39 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
         )),
         Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(error) => Err(error),
+    }
+}
+
+/// Largest HTTP/2 frame a client may send, as on the worker: fewer frames per large tensor.
+const MAX_FRAME_BYTES: u32 = 1 << 20;
+
+/// Serves `router` on `listener` until the process ends, each call carrying its connection's
+/// [`ConnectionId`] as `ConnectInfo`. HTTP/2 flow-control windows are `window` bytes (the largest
+/// message), as on the worker: with hyper's 1 MiB default a client's inline tensor waited for a
+/// window update every MiB, each one for this process to be scheduled.
+async fn serve_grpc<L: Listener>(
+    mut listener: Tracked<L>,
+    router: axum::Router,
+    window: u32,
+) -> io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http2()
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window)
+        .max_frame_size(MAX_FRAME_BYTES);
+    loop {
+        // The listener retries transient accept errors itself.
+        let (io, id) = listener.accept().await;
+        let service = router.clone().layer(Extension(ConnectInfo(id)));
+        let connection = builder
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+            .into_owned();
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "client connection ended with an error");
+            }
+        });
     }
 }
 

@@ -9,8 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use axum::extract::connect_info::Connected;
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::named::NamedRegistry;
@@ -47,12 +46,6 @@ impl<L: Listener> Listener for Tracked<L> {
     /// A listener has no connection of its own: id 0 is never handed out.
     fn local_addr(&self) -> io::Result<Self::Addr> {
         Ok(ConnectionId(0))
-    }
-}
-
-impl<L: Listener> Connected<IncomingStream<'_, Tracked<L>>> for ConnectionId {
-    fn connect_info(stream: IncomingStream<'_, Tracked<L>>) -> Self {
-        *stream.remote_addr()
     }
 }
 
