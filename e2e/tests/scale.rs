@@ -10,12 +10,21 @@
 //!   timeout, because nothing serves;
 //! - scaled to zero again, the next request asks again (a new hold episode).
 //!
-//! The worker pod is kept off every node (a nodeSelector no node matches): kwok would make it
-//! ready at a pod IP of `e2e/nodes.yaml` (10.244.x.y), where nothing of this test listens, and
-//! the sidecar would then connect to an address the test did not create. Serving a held request
-//! needs real workers at the pods' addresses (worker processes in network namespaces).
+//! That worker's pod is kept off every node (a nodeSelector no node matches): kwok would make it
+//! ready at a pod IP of `e2e/nodes.yaml` (10.244.x.y), where nothing of this test listens.
+//!
+//! Served: a ModelWorker with `scaleFromZero: true` at zero replicas is placed on a node of the
+//! test's own (`remotemedia_e2e::nodes`, its pod CIDR routed into a network namespace), with that
+//! node's sidecar. A request is held; the sidecar scales the ModelWorker to 1, the operator rolls
+//! the Deployment, and when kwok runs the pod (not ready) the test runs its worker
+//! (`builtin://checksum`) at the pod's IP and makes the pod Ready, as a kubelet would: the held
+//! request is answered with the checksum of its bytes. Scaled to zero by hand, once the pod and
+//! its process are gone, a new request is held and served the same way (a second ask).
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
@@ -24,10 +33,12 @@ use remotemedia_e2e::chart::{
     helm_ok, install_without_crd, service_account, service_account_kubeconfig,
 };
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, install_crd, operator::Component, ports, wait_until,
+    Error, Probe, TestNamespace, api, client, install_crd, nodes::TestNode, operator::Component,
+    ports, wait_until,
 };
 use remotemedia_proto::inference::{
     ModelInferRequest, grpc_inference_service_client::GrpcInferenceServiceClient,
+    model_infer_request::InferInputTensor,
 };
 use serde_json::json;
 use tonic::Code;
@@ -57,22 +68,36 @@ fn at_zero(name: &str, model_id: &str, scale_from_zero: bool) -> ModelWorker {
     .expect("a ModelWorker built from literals is valid")
 }
 
-/// A sidecar, its TCP inference port and its socket directory.
+/// A sidecar, its TCP inference port and its socket directory (unless a node's).
 struct Sidecar {
     process: Component,
     port: u16,
-    _sockets: tempfile::TempDir,
+    _sockets: Option<tempfile::TempDir>,
 }
 
 impl Sidecar {
+    /// A sidecar of a kwok node, with a socket directory of its own and `--hold-timeout` HOLD.
     fn start(name: &str, node: &str, kubeconfig: &str) -> Result<Self, Error> {
-        let port = ports::free_port();
         let sockets = tempfile::tempdir().map_err(|e| Error::Process(e.to_string()))?;
+        let mut sidecar = Self::start_in(name, node, kubeconfig, sockets.path(), HOLD)?;
+        sidecar._sockets = Some(sockets);
+        Ok(sidecar)
+    }
+
+    /// A sidecar listening in `socket_dir` (a test node's, where its workers find the broker).
+    fn start_in(
+        name: &str,
+        node: &str,
+        kubeconfig: &str,
+        socket_dir: &Path,
+        hold: Duration,
+    ) -> Result<Self, Error> {
+        let port = ports::free_port();
         let process = Component::start_sidecar_with_env(
             name,
             &[
                 "--socket-dir",
-                sockets.path().to_str().expect("temporary paths are UTF-8"),
+                socket_dir.to_str().expect("temporary paths are UTF-8"),
                 "--admin-address",
                 "127.0.0.1",
                 "--port",
@@ -82,7 +107,7 @@ impl Sidecar {
                 "--node-name",
                 node,
                 "--hold-timeout",
-                &format!("{}s", HOLD.as_secs()),
+                &format!("{}s", hold.as_secs()),
                 "--max-held",
                 "3",
             ],
@@ -91,8 +116,14 @@ impl Sidecar {
         Ok(Self {
             process,
             port,
-            _sockets: sockets,
+            _sockets: None,
         })
+    }
+
+    async fn connect(&self) -> GrpcInferenceServiceClient<tonic::transport::Channel> {
+        GrpcInferenceServiceClient::connect(format!("http://127.0.0.1:{}", self.port))
+            .await
+            .expect("the sidecar's TCP port accepts connections")
     }
 
     fn metric(&self, name: &str) -> f64 {
@@ -102,10 +133,7 @@ impl Sidecar {
     /// ModelInfer for `model` (no tensors: the request is answered before any worker would read
     /// them), with `timeout` as the client's deadline: the gRPC status and how long it took.
     async fn infer(&self, model: &str, timeout: Option<Duration>) -> (tonic::Status, Duration) {
-        let mut client =
-            GrpcInferenceServiceClient::connect(format!("http://127.0.0.1:{}", self.port))
-                .await
-                .expect("the sidecar's TCP port accepts connections");
+        let mut client = self.connect().await;
         let mut request = tonic::Request::new(ModelInferRequest {
             model_name: model.to_owned(),
             ..ModelInferRequest::default()
@@ -119,6 +147,38 @@ impl Sidecar {
             .await
             .expect_err("no worker can serve this test's models");
         (status, started.elapsed())
+    }
+
+    /// ModelInfer for `model` (`builtin://checksum`) with `bytes` inline, without a deadline of
+    /// the client's: the checksum the worker answered, or the status.
+    async fn checksum(&self, model: &str, bytes: &[u8]) -> Result<u64, tonic::Status> {
+        let request = ModelInferRequest {
+            model_name: model.to_owned(),
+            inputs: vec![InferInputTensor {
+                name: "INPUT0".to_owned(),
+                datatype: "UINT8".to_owned(),
+                shape: vec![i64::try_from(bytes.len()).expect("a test tensor is small")],
+                ..InferInputTensor::default()
+            }],
+            raw_input_contents: vec![bytes.to_vec().into()],
+            ..ModelInferRequest::default()
+        };
+        let response = self
+            .connect()
+            .await
+            .model_infer(request)
+            .await?
+            .into_inner();
+        let [output] = response.raw_output_contents.as_slice() else {
+            return Err(tonic::Status::internal(format!(
+                "{} outputs answered, not one",
+                response.raw_output_contents.len()
+            )));
+        };
+        let sum: [u8; 8] = output[..].try_into().map_err(|_| {
+            tonic::Status::internal(format!("a checksum of {} bytes, not 8", output.len()))
+        })?;
+        Ok(u64::from_le_bytes(sum))
     }
 
     async fn wait_ready(&self) -> Result<(), Error> {
@@ -344,6 +404,186 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
             sidecar.process.log.display()
         );
     }
+    helm_ok(&["uninstall", &ns.name, "-n", &ns.name]);
+    ns.delete().await
+}
+
+/// The served test's `--hold-timeout`: room for the scale-up, the pod and its worker's start.
+const SERVE_HOLD: Duration = Duration::from_secs(40);
+
+/// The running pod of the ModelWorker `name` once kwok gave it an IP, or `None` while it has none.
+async fn running_pod(pods: &kube::Api<Pod>, name: &str) -> Result<Option<Pod>, Error> {
+    let listed = pods
+        .list(&ListParams::default().labels(&format!("remotemedia.io/model-worker={name}")))
+        .await
+        .map_err(api("list the worker pods"))?;
+    Ok(listed.items.into_iter().find(|pod| {
+        pod.status
+            .as_ref()
+            .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some())
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_held_for_a_model_worker_at_zero_is_served_once_its_pod_runs_and_again_after_scaling_to_zero()
+-> Result<(), Error> {
+    let client = client().await?;
+    install_crd(&client).await?;
+    let ns = TestNamespace::create(&client, "served").await?;
+    install_without_crd(&ns.name, &[]);
+    let kubeconfig = service_account_kubeconfig(&ns.name, &service_account(&ns.name, "sidecar"))?;
+    let kubeconfig_path = kubeconfig
+        .path()
+        .to_str()
+        .expect("temporary paths are UTF-8");
+    let node = TestNode::create(&client, &format!("{}-n", ns.name), 0).await?;
+    let _operator = Component::start(
+        &ns.name,
+        &["--leader-election=false", "--watch-namespace", &ns.name],
+    )?;
+    let sidecar = Sidecar::start_in(
+        &ns.name,
+        &node.name,
+        kubeconfig_path,
+        node.socket_dir(),
+        SERVE_HOLD,
+    )?;
+    sidecar.wait_ready().await?;
+    // The worker joins its node's broker at start.
+    let socket = node.socket_dir().join("broker.sock");
+    wait_until("the node's broker socket", SETTLE, || async {
+        Ok(if socket.exists() {
+            Probe::Done(())
+        } else {
+            Probe::Waiting("absent".to_owned())
+        })
+    })
+    .await?;
+
+    let model = &format!("{}-sum", ns.name);
+    let mut spec = json!({
+        "modelId": model,
+        "model": { "uri": "file:///models/model.pt" },
+        "replicas": 0,
+        "scaleFromZero": true,
+    });
+    for (key, value) in node
+        .placement()
+        .as_object()
+        .expect("placement is an object")
+    {
+        spec[key] = value.clone();
+    }
+    let worker: ModelWorker = serde_json::from_value(json!({
+        "apiVersion": "remotemedia.io/v1alpha1",
+        "kind": "ModelWorker",
+        "metadata": { "name": "sum-worker" },
+        "spec": spec,
+    }))
+    .expect("a ModelWorker built from literals is valid");
+    let workers = &ns.api::<ModelWorker>();
+    workers
+        .create(&PostParams::default(), &worker)
+        .await
+        .map_err(api("create the ModelWorker"))?;
+
+    let pods = &ns.api::<Pod>();
+    let (sidecar, node) = (&sidecar, &node);
+    for episode in 1..=2_u8 {
+        // A tensor per episode, of a length (and so a sum) of its own.
+        let bytes: Vec<u8> = (0..1000 * usize::from(episode) + 17)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let want: u64 = bytes.iter().map(|&b| u64::from(b)).sum();
+        let started = Instant::now();
+        // The request is held at zero; meanwhile the scale-up happens and the pod's worker runs.
+        let serve = async move {
+            wait_until("the request held", SETTLE, || async move {
+                let held = sidecar.metric(HELD);
+                Ok(if held == 1.0 {
+                    Probe::Done(())
+                } else {
+                    Probe::Waiting(format!("held {held}"))
+                })
+            })
+            .await?;
+            let pod = wait_until("a running worker pod", SETTLE, || async move {
+                Ok(match running_pod(pods, "sum-worker").await? {
+                    Some(pod) => Probe::Done(pod),
+                    None => Probe::Waiting("no running pod with an IP".to_owned()),
+                })
+            })
+            .await?;
+            // Held still: the pod is not Ready before its worker answers.
+            assert_eq!(sidecar.metric(HELD), 1.0);
+            node.run_worker(&pod, "builtin://checksum").await
+        };
+        let (answer, worker) = tokio::join!(sidecar.checksum(model, &bytes), serve);
+        let worker = worker?;
+        let took = started.elapsed();
+        let sum = answer.unwrap_or_else(|status| panic!("episode {episode}: {status:?}"));
+        assert_eq!(sum, want, "episode {episode}");
+        assert!(took < SERVE_HOLD, "served after {took:?}");
+        assert_eq!(sidecar.metric(HELD), 0.0);
+        // One ask per episode, and it scaled.
+        assert_eq!(sidecar.metric(SCALED), f64::from(episode));
+        assert_eq!(sidecar.metric(FAILED), 0.0);
+        assert_eq!(
+            workers
+                .get("sum-worker")
+                .await
+                .map_err(api("get"))?
+                .spec
+                .replicas,
+            1
+        );
+
+        // Scaled to zero (by a person): the pod goes, then its process, and the sidecar's list
+        // empties; the next episode starts from nothing.
+        workers
+            .patch_scale(
+                "sum-worker",
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "spec": { "replicas": 0 } })),
+            )
+            .await
+            .map_err(api("scale sum-worker to 0"))?;
+        wait_until("the worker pod gone", SETTLE, || async move {
+            let listed = pods
+                .list(&ListParams::default().labels("remotemedia.io/model-worker=sum-worker"))
+                .await
+                .map_err(api("list the worker pods"))?;
+            Ok(if listed.items.is_empty() {
+                Probe::Done(())
+            } else {
+                Probe::Waiting(format!("{} pods", listed.items.len()))
+            })
+        })
+        .await?;
+        // kwok removed the pod without a kubelet to stop its container: the test does.
+        drop(worker);
+        let namespace = &ns.name;
+        wait_until(
+            "the sidecar's list without the model",
+            SETTLE,
+            || async move {
+                Ok(match sidecar.process.get("/debug/endpoints") {
+                    Some((200, body)) if !body.contains(&format!("{namespace}/")) => {
+                        Probe::Done(())
+                    }
+                    seen => Probe::Waiting(format!("{seen:?}")),
+                })
+            },
+        )
+        .await?;
+    }
+
+    let log = std::fs::read_to_string(&sidecar.process.log).unwrap_or_default();
+    assert!(
+        !log.contains("forbidden"),
+        "refused by RBAC: {}",
+        sidecar.process.log.display()
+    );
     helm_ok(&["uninstall", &ns.name, "-n", &ns.name]);
     ns.delete().await
 }
