@@ -16,7 +16,10 @@ mod errors;
 mod registry;
 mod tensor;
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::runtime::{Handle, Runtime};
 
 use pyo3::prelude::*;
 
@@ -28,18 +31,48 @@ use pyo3::prelude::*;
 /// in `block_on` on their own threads with the GIL released. A runtime does not survive `fork`:
 /// a child process forked after the first registry or client call must not use either (use the
 /// `spawn` start method of `multiprocessing`).
-fn runtime() -> std::io::Result<&'static tokio::runtime::Runtime> {
-    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    if let Some(runtime) = RUNTIME.get() {
-        return Ok(runtime);
+fn runtime() -> std::io::Result<Handle> {
+    let mut state = RUNTIME.lock().unwrap_or_else(PoisonError::into_inner);
+    match &*state {
+        RuntimeState::Running(runtime) => Ok(runtime.handle().clone()),
+        RuntimeState::Stopped => Err(std::io::Error::other(
+            "the interpreter is exiting and the runtime has stopped",
+        )),
+        RuntimeState::NotStarted => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("remotemedia-runtime")
+                .enable_all()
+                .build()?;
+            let handle = runtime.handle().clone();
+            *state = RuntimeState::Running(runtime);
+            Ok(handle)
+        }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("remotemedia-runtime")
-        .enable_all()
-        .build()?;
-    // Two first calls racing both build one; the loser's runtime, never used, is dropped here.
-    Ok(RUNTIME.get_or_init(|| runtime))
+}
+
+enum RuntimeState {
+    NotStarted,
+    Running(Runtime),
+    Stopped,
+}
+
+static RUNTIME: Mutex<RuntimeState> = Mutex::new(RuntimeState::NotStarted);
+
+/// Registered with `atexit`: stops the runtime before the interpreter finalizes, so that none of
+/// its threads (completing an asyncio future, running a loader) takes the GIL of an interpreter
+/// that is going away. CPython ends such a thread with `pthread_exit`, whose unwinding through
+/// Rust frames aborts the process: a script that had printed all its output died with SIGABRT.
+#[pyfunction]
+fn stop_runtime(py: Python<'_>) {
+    let state = std::mem::replace(
+        &mut *RUNTIME.lock().unwrap_or_else(PoisonError::into_inner),
+        RuntimeState::Stopped,
+    );
+    if let RuntimeState::Running(runtime) = state {
+        // Tasks that need the GIL to finish can take it meanwhile.
+        py.detach(|| runtime.shutdown_timeout(Duration::from_secs(2)));
+    }
 }
 
 /// Process-wide model registry and zero-copy shared-memory tensors.
@@ -50,5 +83,10 @@ fn remotemedia_core(module: &Bound<'_, PyModule>) -> PyResult<()> {
     client::register(module)?;
     registry::register(module)?;
     tensor::register(module)?;
+    let stop = wrap_pyfunction!(stop_runtime, module)?;
+    module
+        .py()
+        .import("atexit")?
+        .call_method1("register", (stop,))?;
     Ok(())
 }
