@@ -66,10 +66,9 @@ pub fn service_account_token(namespace: &str, account: &str, minutes: u32) -> St
     .to_owned()
 }
 
-/// A kubeconfig for the current cluster that authenticates with `token` alone: the admin's
-/// client certificate left in place would authenticate instead.
-pub fn token_kubeconfig(token: &str) -> tempfile::NamedTempFile {
-    let current: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
+/// The current kubeconfig (its current context only, certificates inline), as JSON.
+pub fn current_kubeconfig() -> serde_json::Value {
+    serde_json::from_str(&kubectl_ok(&[
         "config",
         "view",
         "--minify",
@@ -77,18 +76,28 @@ pub fn token_kubeconfig(token: &str) -> tempfile::NamedTempFile {
         "-o",
         "json",
     ]))
-    .expect("kubectl prints its config as JSON");
-    let config = serde_json::json!({
+    .expect("kubectl prints its config as JSON")
+}
+
+/// `config` in a temporary file, for `--kubeconfig` or `KUBECONFIG`.
+pub fn kubeconfig_file(config: &serde_json::Value) -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().expect("a temporary file can be made");
+    std::fs::write(file.path(), config.to_string()).expect("the kubeconfig is written");
+    file
+}
+
+/// A kubeconfig for the current cluster that authenticates with `token` alone: the admin's
+/// client certificate left in place would authenticate instead.
+pub fn token_kubeconfig(token: &str) -> tempfile::NamedTempFile {
+    let current = current_kubeconfig();
+    kubeconfig_file(&serde_json::json!({
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{ "name": "e2e", "cluster": current["clusters"][0]["cluster"] }],
         "users": [{ "name": "token", "user": { "token": token } }],
         "contexts": [{ "name": "e2e", "context": { "cluster": "e2e", "user": "token" } }],
         "current-context": "e2e",
-    });
-    let file = tempfile::NamedTempFile::new().expect("a temporary file can be made");
-    std::fs::write(file.path(), config.to_string()).expect("the kubeconfig is written");
-    file
+    }))
 }
 
 /// `kubectl auth can-i --list` as comparable lines: columns separated by one space, sorted, with

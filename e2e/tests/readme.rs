@@ -13,7 +13,7 @@ use k8s_openapi::api::{apps::v1::Deployment, core::v1::Service};
 use kube::Api;
 use remotemedia_e2e::{
     Error, Probe, api,
-    chart::{service_account_token, token_kubeconfig},
+    chart::{current_kubeconfig, kubeconfig_file, service_account_token, token_kubeconfig},
     client, kubectl, kubectl_ok,
     operator::Component,
     repo, run, run_ok, wait_until,
@@ -65,19 +65,9 @@ fn remove_leftovers() {
 /// A copy of the current kubeconfig whose context defaults to `namespace`, as a user's would
 /// after `kubectl config set-context --current --namespace`.
 fn kubeconfig_in(namespace: &str) -> tempfile::NamedTempFile {
-    let mut config: serde_json::Value = serde_json::from_str(&kubectl_ok(&[
-        "config",
-        "view",
-        "--minify",
-        "--flatten",
-        "-o",
-        "json",
-    ]))
-    .expect("kubectl prints its config as JSON");
+    let mut config = current_kubeconfig();
     config["contexts"][0]["context"]["namespace"] = namespace.into();
-    let file = tempfile::NamedTempFile::new().expect("a temporary file can be made");
-    std::fs::write(file.path(), config.to_string()).expect("the kubeconfig is written");
-    file
+    kubeconfig_file(&config)
 }
 
 #[tokio::test]

@@ -22,6 +22,7 @@ pub mod broker {
     include!(concat!(env!("OUT_DIR"), "/remotemedia.broker.v1.rs"));
 }
 
+pub mod http2;
 pub mod params;
 
 /// `grpc.health.v1`, as served by `tonic-health`.

@@ -126,8 +126,7 @@ pub async fn run(config: Config) -> Result<(), SidecarError> {
     let max_message_bytes = router_config.max_message_bytes;
     let router = router::Router::new(router_config, endpoints, metrics.held(), scale);
     let named = Arc::new(NamedRegistry::new(allow_named_shm));
-    // h2 windows are at most 2^31 - 1 bytes.
-    let window = u32::try_from(max_message_bytes.min(i32::MAX as usize)).unwrap_or(i32::MAX as u32);
+    let window = remotemedia_proto::http2::window(max_message_bytes);
     let grpc = |transport| {
         let service = RouterService::new(
             router.clone(),
@@ -209,9 +208,6 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Largest HTTP/2 frame a client may send, as on the worker: fewer frames per large tensor.
-const MAX_FRAME_BYTES: u32 = 1 << 20;
-
 /// Serves `router` on `listener` until the process ends, each call carrying its connection's
 /// [`ConnectionId`] as `ConnectInfo`. HTTP/2 flow-control windows are `window` bytes (the largest
 /// message), as on the worker: with hyper's 1 MiB default a client's inline tensor waited for a
@@ -226,7 +222,7 @@ async fn serve_grpc<L: Listener>(
         .http2()
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
-        .max_frame_size(MAX_FRAME_BYTES);
+        .max_frame_size(remotemedia_proto::http2::MAX_FRAME_BYTES);
     loop {
         // The listener retries transient accept errors itself.
         let (io, id) = listener.accept().await;

@@ -186,8 +186,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
             tracing::debug!(%error, "failed to set TCP_NODELAY");
         }
     });
-    // h2 windows are at most 2^31 - 1 bytes.
-    let window = u32::try_from(max_message_bytes.min(i32::MAX as usize)).unwrap_or(i32::MAX as u32);
+    let window = remotemedia_proto::http2::window(max_message_bytes);
     servers.spawn(serve(
         grpc_listener,
         router.clone(),
@@ -282,9 +281,6 @@ async fn drain(
     }
 }
 
-/// Largest HTTP/2 frame a client may send: fewer frames (and wake-ups) per large tensor.
-const MAX_FRAME_BYTES: u32 = 1 << 20;
-
 /// Serves `router` (HTTP/1.1 and HTTP/2 without TLS, chosen per connection) until `stopped`
 /// turns true, then lets open connections finish.
 ///
@@ -305,7 +301,7 @@ async fn serve<L>(
         .http2()
         .initial_stream_window_size(window)
         .initial_connection_window_size(window)
-        .max_frame_size(MAX_FRAME_BYTES);
+        .max_frame_size(remotemedia_proto::http2::MAX_FRAME_BYTES);
     let connections = GracefulShutdown::new();
     loop {
         // The listener retries transient accept errors itself.
