@@ -10,7 +10,9 @@
 //!    500 µs), and the ratio of the two throughputs.
 //!
 //! `--quick` runs one pass per row (CI runs it so the benchmark cannot rot); `--models DIR` is
-//! where `make models` wrote the models (default `target/models` of the workspace).
+//! where `make models` wrote the models (default `target/models` of the workspace); `--device`
+//! (default `cpu`) is where the heavy model runs, e.g. `cuda:0`; `--worker PATH` runs another
+//! worker binary than the one cargo built with the benchmark (a copy on a GPU machine).
 //! `make bench` (or `cargo bench -p remotemedia-model-worker --features torch --bench worker`).
 
 use std::{
@@ -18,7 +20,7 @@ use std::{
     num::NonZeroUsize,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{Arc, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -46,23 +48,37 @@ use tonic::transport::Channel;
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 type Client = GrpcInferenceServiceClient<Channel>;
 
-const BINARY: &str = env!("CARGO_BIN_EXE_remotemedia-model-worker");
+/// The worker binary `--worker` named; else the one cargo built with this benchmark.
+static WORKER: OnceLock<PathBuf> = OnceLock::new();
 const MIB: usize = 1 << 20;
 /// Room for a 64 MiB tensor and the message around it.
 const MAX_MESSAGE_BYTES: usize = 80 * MIB;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    // `cargo bench` passes `--bench`; ours are `--quick` and `--models DIR`.
+    // `cargo bench` passes `--bench`; ours are `--quick`, `--models DIR`, `--device DEVICE` and
+    // `--worker PATH`.
     let quick = args.iter().any(|arg| arg == "--quick");
-    let models = args
-        .iter()
-        .position(|arg| arg == "--models")
-        .and_then(|index| args.get(index + 1))
-        .map_or_else(
-            || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/models")),
-            PathBuf::from,
-        );
+    let value = |flag: &str| {
+        args.iter()
+            .position(|arg| arg == flag)
+            .map(|index| {
+                args.get(index + 1)
+                    .cloned()
+                    .ok_or_else(|| format!("{flag} needs a value"))
+            })
+            .transpose()
+    };
+    let models = value("--models")?.map_or_else(
+        || PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../target/models")),
+        PathBuf::from,
+    );
+    let device = value("--device")?.unwrap_or_else(|| "cpu".into());
+    if let Some(worker) = value("--worker")? {
+        WORKER
+            .set(PathBuf::from(worker))
+            .expect("the worker binary is chosen once");
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,7 +94,7 @@ fn main() -> Result<()> {
         );
         checksum_table(quick).await?;
         println!();
-        heavy_table(&models, quick).await
+        heavy_table(&models, &device, quick).await
     })
 }
 
@@ -91,7 +107,8 @@ struct Worker {
 impl Worker {
     async fn start(model_path: &str, extra: &[&str]) -> Result<Worker> {
         let [port, admin_port] = [free_port(), free_port()];
-        let child = Command::new(BINARY)
+        let binary = WORKER.get_or_init(|| env!("CARGO_BIN_EXE_remotemedia-model-worker").into());
+        let child = Command::new(binary)
             .args(["--model-path", model_path])
             .args(["--port", &port.to_string()])
             .args(["--admin-port", &admin_port.to_string()])
@@ -295,7 +312,7 @@ async fn checksum_table(quick: bool) -> Result<()> {
     Ok(())
 }
 
-async fn heavy_table(models: &std::path::Path, quick: bool) -> Result<()> {
+async fn heavy_table(models: &std::path::Path, device: &str, quick: bool) -> Result<()> {
     let model = models.join("heavy/model.pt");
     if !model.is_file() {
         return Err(format!("{} is missing: run `make models`", model.display()).into());
@@ -303,7 +320,9 @@ async fn heavy_table(models: &std::path::Path, quick: bool) -> Result<()> {
     let model = model.display().to_string();
     // Each client sends this many requests per row.
     let per_client = if quick { 1 } else { 16 };
-    println!("heavy model (FP32[1,256] per request): {per_client} request(s) per client per row");
+    println!(
+        "heavy model (FP32[1,256] per request) on {device}: {per_client} request(s) per client per row"
+    );
     println!(
         "{:<12} {:<10} {:>12} {:>12} {:>14}",
         "concurrency", "batching", "req/s", "p99", "on vs off"
@@ -320,8 +339,8 @@ async fn heavy_table(models: &std::path::Path, quick: bool) -> Result<()> {
         raw_input_contents: vec![Bytes::from(row)],
         ..Default::default()
     };
-    let off = Worker::start(&model, &["--max-batch-size", "1"]).await?;
-    let on = Worker::start(&model, &[]).await?;
+    let off = Worker::start(&model, &["--device", device, "--max-batch-size", "1"]).await?;
+    let on = Worker::start(&model, &["--device", device]).await?;
     for concurrency in [1, 8, 64] {
         let mut throughput = [0.0; 2];
         for (slot, (label, worker)) in [("off", &off), ("on", &on)].into_iter().enumerate() {
