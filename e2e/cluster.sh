@@ -283,7 +283,9 @@ up() {
   # ServiceAccount, DefaultTolerationSeconds, ResourceQuota, PodSecurity, ...).
   # The advertised address only becomes the endpoint of the `kubernetes` Service, which endpoint
   # validation refuses to be loopback; nothing dials it (kwok's pods do not run), so it is one
-  # from TEST-NET-1 (RFC 5737), which is never routed, rather than the host's.
+  # from TEST-NET-1 (RFC 5737, documentation only) rather than the host's. Some machines use that
+  # network themselves (the development machine's gateway is 192.0.2.1): harmless, as nothing
+  # connects to it.
   start_apiserver
 
   kubeconfig admin "$admin_kubeconfig"
