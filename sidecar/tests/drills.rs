@@ -71,6 +71,7 @@ async fn a_client_killed_mid_request_loses_its_session_and_regions_and_the_worke
     )
     .await;
     sidecar.discover(&[("slow", &worker, NODE)]);
+    let unmapped = worker.memfd_mappings();
     let len = 4 * MIB;
     let mut client = Process(
         Command::new(built("examples/drill_client"))
@@ -103,10 +104,13 @@ async fn a_client_killed_mid_request_loses_its_session_and_regions_and_the_worke
     })
     .await;
     assert!(worker.process.alive(), "the worker died with the client");
-    eprintln!(
-        "after the client's death the worker keeps {} memfd mapping(s) (its grant cache)",
-        worker.memfd_mappings()
-    );
+    // The worker's grant cache lets the dead client's region go too (its orphan sweep), and
+    // with it the last hold: the node has no region left.
+    eventually("the worker unmaps the dead client's region", async || {
+        worker.memfd_mappings() == unmapped
+            && sidecar.metric("remotemedia_sidecar_shm_regions").await == 0.0
+    })
+    .await;
     let broker = BrokerClient::connect(&dir.0, "app").unwrap();
     let (handle, _mapped) = region(&broker, 1000, |_| 3);
     let response = sidecar

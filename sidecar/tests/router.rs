@@ -622,7 +622,15 @@ async fn unregistering_a_named_region_waits_for_the_request_writing_into_it() {
 async fn a_region_its_client_released_leaves_the_workers_cache_at_the_next_request() {
     let dir = TempDir::new("orphans");
     let sidecar = Sidecar::start(&dir, &[]).await;
-    let near = Worker::start(&dir, "near", "builtin://checksum", Some(&dir.0)).await;
+    // No sweeps while idle: only the next request's grant can return the region.
+    let near = Worker::start_with(
+        &dir,
+        "near",
+        "builtin://checksum",
+        Some(&dir.0),
+        &["--orphan-sweep-interval", "0s"],
+    )
+    .await;
     sidecar.discover(&[("near", &near, NODE)]);
     let broker = BrokerClient::connect(&dir.0, "app").unwrap();
     let mut client = sidecar.unix_client().await;
@@ -658,4 +666,65 @@ async fn a_region_its_client_released_leaves_the_workers_cache_at_the_next_reque
         "the released region is still mapped"
     );
     assert_eq!(regions().await, 1.0, "the released region is still alive");
+}
+
+#[tokio::test]
+async fn a_region_its_client_released_leaves_an_idle_workers_cache_without_another_request() {
+    let dir = TempDir::new("sweep");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let near = Worker::start_with(
+        &dir,
+        "near",
+        "builtin://checksum",
+        Some(&dir.0),
+        &["--orphan-sweep-interval", "200ms"],
+    )
+    .await;
+    sidecar.discover(&[("near", &near, NODE)]);
+    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
+    let mut client = sidecar.unix_client().await;
+    let before = near.memfd_mappings();
+    let (kept, kept_map) = region(&broker, MIB, |i| (i % 7) as u8);
+    let (released, released_map) = region(&broker, MIB, |i| (i % 5) as u8);
+    for (key, map) in [(kept.key(), &kept_map), (released.key(), &released_map)] {
+        let response = client
+            .model_infer(with_session(brokered_request("near", key, 0, MIB), &broker))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(checksum(&response), expected_sum(&map.as_slice()[..MIB]));
+    }
+    let mapped = near.memfd_mappings();
+    assert!(mapped > before, "the worker maps the regions it is granted");
+    // Several sweeps pass while the client holds both: nothing is returned.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(near.memfd_mappings(), mapped);
+    assert_eq!(sidecar.metric("remotemedia_sidecar_shm_regions").await, 2.0);
+
+    drop((released, released_map));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sidecar.metric("remotemedia_sidecar_shm_regions").await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the idle worker still holds the released region after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        near.memfd_mappings() < mapped,
+        "the released region is unmapped in the worker"
+    );
+    // The region the client still holds stays cached and is read in place again.
+    let response = client
+        .model_infer(with_session(
+            brokered_request("near", kept.key(), 0, MIB),
+            &broker,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        checksum(&response),
+        expected_sum(&kept_map.as_slice()[..MIB])
+    );
 }

@@ -61,6 +61,12 @@ pub struct Config {
     #[arg(long, env = "REMOTEMEDIA_WORKER_BROKER")]
     pub broker: Option<PathBuf>,
 
+    /// With --broker: how often (e.g. `1s`) the worker asks the broker which of its cached
+    /// regions nobody else holds any more, and unmaps them, while no request comes (each
+    /// request's grant does it too); `0s` only at requests
+    #[arg(long, env = "REMOTEMEDIA_WORKER_ORPHAN_SWEEP_INTERVAL", default_value_t = defaults::ORPHAN_SWEEP_INTERVAL.into())]
+    pub orphan_sweep_interval: humantime::Duration,
+
     /// Forward-pass executors: threads that each run one pass (of one request or a batch) at a
     /// time, like Triton's instance count. Each pass uses --intra-op-threads threads
     #[arg(long, env = "REMOTEMEDIA_WORKER_INSTANCES", default_value_t = defaults::INSTANCES)]
@@ -162,6 +168,8 @@ pub struct Settings {
     pub admin_port: u16,
     pub uds: Option<PathBuf>,
     pub broker: Option<PathBuf>,
+    /// `None`: orphaned regions are returned at requests only.
+    pub orphan_sweep_interval: Option<Duration>,
     pub instances: usize,
     pub max_concurrency: usize,
     pub max_queue: usize,
@@ -228,6 +236,7 @@ impl Config {
             admin_port,
             uds,
             broker,
+            orphan_sweep_interval,
             instances,
             max_concurrency,
             max_queue,
@@ -290,6 +299,8 @@ impl Config {
             admin_port,
             uds,
             broker,
+            orphan_sweep_interval: Some(orphan_sweep_interval.into())
+                .filter(|interval: &Duration| !interval.is_zero()),
             instances,
             max_concurrency,
             max_queue,

@@ -20,6 +20,8 @@ pub const MAX_CONCURRENCY: usize = 100;
 pub const MAX_QUEUE: usize = 1024;
 /// Largest gRPC message received or sent.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// With `--broker`: how often an idle worker returns cached regions nobody else holds any more.
+pub const ORPHAN_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long the worker keeps serving after SIGTERM so endpoint removal can propagate.
 pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
 /// How long in-flight requests may take to finish once the worker stops accepting.

@@ -9,14 +9,16 @@
 //! is forgotten at the broker (its hold dropped). Each redemption's reply also names the
 //! cached regions that nobody else holds any more (their clients released them or died) and
 //! no request uses: those are unmapped and forgotten at once, so a released region's memory
-//! goes back to the node instead of living on in this cache. (A worker that gets no more
-//! requests keeps its mappings until the next one.)
+//! goes back to the node instead of living on in this cache. A worker that gets no more
+//! requests asks the broker for that list every `--orphan-sweep-interval` while it caches
+//! anything ([`Granted::start_sweeper`]), so an idle worker returns them too.
 //! After a broker restart the session is new and old handles mean nothing: the cache is
 //! emptied when the session token changes.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
@@ -111,8 +113,57 @@ impl Granted {
         })
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    /// The cache, emptied first if the broker session changed (the broker restarted): the old
+    /// handles name nothing.
+    fn cache(&self) -> MutexGuard<'_, Cache> {
+        let session = self.client.session_token();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.session != session {
+            cache.regions.clear();
+            cache.session = session;
+        }
+        cache
+    }
+
+    /// Starts a thread that unmaps and forgets, every `interval`, the cached regions the broker
+    /// reports as orphaned, so a worker that gets no more requests does not keep released
+    /// regions alive. It ends when the last other reference to `self` goes.
+    pub fn start_sweeper(self: &Arc<Self>, interval: Duration) -> std::io::Result<()> {
+        let granted = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("grant-sweeper".into())
+            .spawn(move || {
+                while let Some(granted) = {
+                    std::thread::sleep(interval);
+                    Weak::upgrade(&granted)
+                } {
+                    granted.sweep();
+                }
+            })
+            .map(drop)
+    }
+
+    /// One sweep: nothing to ask while nothing is cached.
+    fn sweep(&self) {
+        if self.cache().regions.is_empty() {
+            return;
+        }
+        match self.client.orphans() {
+            Ok(orphans) => {
+                let dropped = take_orphans(&mut self.cache(), Vec::new(), orphans);
+                self.forget_all(dropped);
+            }
+            Err(error) => tracing::debug!(%error, "failed to ask the broker for orphaned regions"),
+        }
+    }
+
+    /// Drops this session's holds on `handles` at the broker.
+    fn forget_all(&self, handles: Vec<RegionHandleId>) {
+        for handle in handles {
+            if let Err(error) = self.client.forget(handle) {
+                tracing::warn!(%error, "failed to forget a cached region");
+            }
+        }
     }
 
     /// Redeems every grant of `request` (blocking: one broker round trip each) and rewrites
@@ -188,13 +239,7 @@ impl Granted {
                 },
                 _ => GrantError::Broker(error),
             })?;
-        let session = self.client.session_token();
         let mut cache = self.cache();
-        if cache.session != session {
-            // A new session (the broker restarted): the old handles name nothing.
-            cache.regions.clear();
-            cache.session = session;
-        }
         cache.clock += 1;
         let now = cache.clock;
         let registration = match (redeemed.fd, cache.regions.get_mut(&redeemed.handle)) {
@@ -224,20 +269,10 @@ impl Granted {
                 });
             }
         };
-        let mut dropped = evict(&mut cache);
-        for orphan in redeemed.orphaned {
-            // The mapping goes when the last request using it drops its Arc.
-            cache.regions.remove(&orphan);
-            if !dropped.contains(&orphan) {
-                dropped.push(orphan);
-            }
-        }
+        let evicted = evict(&mut cache);
+        let dropped = take_orphans(&mut cache, evicted, redeemed.orphaned);
         drop(cache);
-        for handle in dropped {
-            if let Err(error) = self.client.forget(handle) {
-                tracing::warn!(%error, "failed to forget a cached region");
-            }
-        }
+        self.forget_all(dropped);
         Ok((redeemed.handle, registration))
     }
 
@@ -253,6 +288,22 @@ impl Granted {
             misaligned_copies: &self.misaligned_copies,
         }
     }
+}
+
+/// Removes the broker's orphans from the cache and adds them to `dropped` (once each): the
+/// handles to forget. A mapping goes when the last request using it drops its Arc.
+fn take_orphans(
+    cache: &mut Cache,
+    mut dropped: Vec<RegionHandleId>,
+    orphans: Vec<RegionHandleId>,
+) -> Vec<RegionHandleId> {
+    for orphan in orphans {
+        cache.regions.remove(&orphan);
+        if !dropped.contains(&orphan) {
+            dropped.push(orphan);
+        }
+    }
+    dropped
 }
 
 /// The least recently used regions beyond [`CACHED_REGIONS`], removed from the cache.

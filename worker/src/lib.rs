@@ -84,6 +84,8 @@ pub enum RunError {
         #[source]
         source: remotemedia_runtime_core::shm::broker::BrokerError,
     },
+    #[error("failed to start the thread that returns released regions to the node broker")]
+    Sweeper(#[source] io::Error),
     #[error("failed to load model '{model}'")]
     Load {
         model: String,
@@ -108,6 +110,7 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
         admin_port,
         uds,
         broker,
+        orphan_sweep_interval,
         instances,
         max_concurrency,
         max_queue,
@@ -145,7 +148,11 @@ pub async fn run(settings: Settings) -> Result<(), RunError> {
                     dir: dir.clone(),
                     source,
                 })?;
-            Some(Arc::new(granted))
+            let granted = Arc::new(granted);
+            if let Some(interval) = orphan_sweep_interval {
+                granted.start_sweeper(interval).map_err(RunError::Sweeper)?;
+            }
+            Some(granted)
         }
         None => None,
     };

@@ -499,23 +499,19 @@ impl Books {
             }
         }
         let (handle, size, fd) = reply;
-        let orphaned = state.sessions[&session]
-            .handles
-            .iter()
-            .filter(|(other, key)| {
-                **other != handle
-                    && state.regions.get(key).is_some_and(|region| {
-                        region.in_flight == 0 && region.holders.keys().eq([&session])
-                    })
-            })
-            .map(|(other, _)| *other)
-            .collect();
+        let mut orphaned = state.orphans(session);
+        orphaned.retain(|other| *other != handle);
         Ok(Redemption {
             handle,
             size,
             fd,
             orphaned,
         })
+    }
+
+    /// `session`'s handles whose regions nobody else holds and no request uses (GetOrphans).
+    pub fn orphans(&self, session: SessionId) -> Vec<RegionHandleId> {
+        self.state().orphans(session)
     }
 
     /// Drops the hold a Redeem gave `session` on the region it knows as `handle` (Forget).
@@ -621,6 +617,23 @@ impl State {
             }
         }
         self.destroy_if_unused(key);
+    }
+
+    /// `session`'s Redeem handles whose regions only it holds and no request uses: a worker's
+    /// cache would otherwise keep a released region alive, and mapped, on its own.
+    fn orphans(&self, session: SessionId) -> Vec<RegionHandleId> {
+        self.sessions.get(&session).map_or_else(Vec::new, |entry| {
+            entry
+                .handles
+                .iter()
+                .filter(|(_, key)| {
+                    self.regions.get(key).is_some_and(|region| {
+                        region.in_flight == 0 && region.holders.keys().eq([&session])
+                    })
+                })
+                .map(|(handle, _)| *handle)
+                .collect()
+        })
     }
 
     fn destroy_if_unused(&mut self, key: RegionKey) {

@@ -160,6 +160,7 @@ fn handle(
                 })
         }
         Request::Forget { handle } => books.forget(session, handle).map(|()| Response::Forgotten),
+        Request::Orphans => Ok(Response::Orphans(books.orphans(session))),
         Request::Hello { .. } => return None,
     };
     Some(answer.unwrap_or_else(Response::Error))

@@ -237,6 +237,17 @@ impl Worker {
         model_path: &str,
         broker: Option<&Path>,
     ) -> Self {
+        Self::start_with(dir, model_id, model_path, broker, &[]).await
+    }
+
+    /// [`Worker::start`] with more flags.
+    pub async fn start_with(
+        dir: &TempDir,
+        model_id: &str,
+        model_path: &str,
+        broker: Option<&Path>,
+        flags: &[&str],
+    ) -> Self {
         let (port, admin_port) = (free_port(), free_port());
         let log = dir.0.join(format!("worker-{port}.log"));
         let mut command = Command::new(built("remotemedia-model-worker"));
@@ -263,6 +274,7 @@ impl Worker {
         if let Some(broker) = broker {
             command.arg("--broker").arg(broker);
         }
+        command.args(flags);
         let mut worker = Self {
             process: Process(command.spawn().unwrap()),
             port,

@@ -268,6 +268,16 @@ impl BrokerClient {
         }
     }
 
+    /// This session's handles (from [`BrokerClient::redeem`]) whose regions nobody else holds
+    /// any more and no request uses; the same list every redemption's reply carries.
+    pub fn orphans(&self) -> Result<Vec<RegionHandleId>, BrokerError> {
+        const OP: &str = "list orphaned regions";
+        match self.shared.call(OP, &Request::Orphans)? {
+            Response::Orphans(orphaned) => Ok(orphaned),
+            other => Err(unexpected(OP, &other)),
+        }
+    }
+
     /// This session's usage, as the broker counts it.
     pub fn stats(&self) -> Result<SessionStats, BrokerError> {
         const OP: &str = "read broker session stats";
@@ -544,6 +554,7 @@ fn kind<F>(reply: &Response<F>) -> &'static str {
         Response::Stats(_) => "stats",
         Response::Redeemed { .. } => "redeem",
         Response::Forgotten => "forget",
+        Response::Orphans(_) => "orphans",
         Response::Error(_) => "error",
     }
 }

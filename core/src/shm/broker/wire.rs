@@ -135,6 +135,7 @@ pub enum Request<F> {
     Forget {
         handle: RegionHandleId,
     },
+    Orphans,
 }
 
 /// A reply, validated.
@@ -164,6 +165,8 @@ pub enum Response<F> {
         orphaned: Vec<RegionHandleId>,
     },
     Forgotten,
+    /// The session's handles that only it still holds and no request uses.
+    Orphans(Vec<RegionHandleId>),
     Error(Refusal),
 }
 
@@ -340,6 +343,10 @@ pub fn decode_request<F>(bytes: &[u8], fds: Vec<F>) -> Result<Request<F>, Packet
                 handle: handle(forget.handle)?,
             }
         }
+        Kind::Orphans(pb::GetOrphans {}) => {
+            no_descriptors("orphans", fds)?;
+            Request::Orphans
+        }
     })
 }
 
@@ -408,11 +415,7 @@ pub fn decode_response<F>(bytes: &[u8], fds: Vec<F>) -> Result<Response<F>, Pack
         Kind::Redeem(redeem) => {
             let handle = handle(redeem.handle)?;
             let size = size(redeem.size)?;
-            let orphaned = redeem
-                .orphaned
-                .iter()
-                .map(|orphan| self::handle(*orphan))
-                .collect::<Result<_, _>>()?;
+            let orphaned = handles(&redeem.orphaned)?;
             let fd = if redeem.attached {
                 Some(one_descriptor("redeem reply", fds)?)
             } else {
@@ -429,6 +432,10 @@ pub fn decode_response<F>(bytes: &[u8], fds: Vec<F>) -> Result<Response<F>, Pack
         Kind::Forget(pb::ForgetReply {}) => {
             no_descriptors("forget reply", fds)?;
             Response::Forgotten
+        }
+        Kind::Orphans(orphans) => {
+            no_descriptors("orphans reply", fds)?;
+            Response::Orphans(handles(&orphans.orphaned)?)
         }
         Kind::Error(error) => {
             no_descriptors("error reply", fds)?;
@@ -483,6 +490,7 @@ impl<F> Request<F> {
             Self::Forget { handle } => Kind::Forget(pb::Forget {
                 handle: handle.0.get(),
             }),
+            Self::Orphans => Kind::Orphans(pb::GetOrphans {}),
         };
         pb::Request { kind: Some(kind) }.encode_to_vec()
     }
@@ -506,6 +514,7 @@ impl<F> Request<F> {
             Self::Stats => "stats",
             Self::Redeem { .. } => "redeem",
             Self::Forget { .. } => "forget",
+            Self::Orphans => "orphans",
         }
     }
 }
@@ -549,9 +558,12 @@ impl<F> Response<F> {
                 handle: handle.0.get(),
                 size: size.get(),
                 attached: fd.is_some(),
-                orphaned: orphaned.iter().map(|orphan| orphan.0.get()).collect(),
+                orphaned: wire_handles(orphaned),
             }),
             Self::Forgotten => Kind::Forget(pb::ForgetReply {}),
+            Self::Orphans(orphaned) => Kind::Orphans(pb::Orphans {
+                orphaned: wire_handles(orphaned),
+            }),
             Self::Error(refusal) => Kind::Error(pb::Error {
                 code: refusal.code.to_wire().into(),
                 message: refusal.message.clone(),
@@ -602,6 +614,14 @@ fn handle(handle: u64) -> Result<RegionHandleId, PacketError> {
     NonZeroU64::new(handle)
         .map(RegionHandleId)
         .ok_or(PacketError::ZeroHandle)
+}
+
+fn handles(handles: &[u64]) -> Result<Vec<RegionHandleId>, PacketError> {
+    handles.iter().map(|h| handle(*h)).collect()
+}
+
+fn wire_handles(handles: &[RegionHandleId]) -> Vec<u64> {
+    handles.iter().map(|handle| handle.0.get()).collect()
 }
 
 fn no_descriptors<F>(kind: &'static str, fds: Vec<F>) -> Result<(), PacketError> {
@@ -672,6 +692,7 @@ mod tests {
             (1..=u64::MAX).prop_map(|handle| Request::Forget {
                 handle: RegionHandleId(nz(handle))
             }),
+            Just(Request::Orphans),
         ]
     }
 
@@ -740,6 +761,33 @@ mod tests {
         assert!(matches!(
             decode_response::<u8>(&orphan_zero.encode_to_vec(), vec![]),
             Err(PacketError::ZeroHandle)
+        ));
+        let orphans_zero = pb::Response {
+            kind: Some(pb::response::Kind::Orphans(pb::Orphans {
+                orphaned: vec![3, 0],
+            })),
+        };
+        assert!(matches!(
+            decode_response::<u8>(&orphans_zero.encode_to_vec(), vec![]),
+            Err(PacketError::ZeroHandle)
+        ));
+    }
+
+    #[test]
+    fn an_orphans_reply_round_trips_and_carries_no_descriptor() {
+        let reply = Response::<u8>::Orphans(vec![RegionHandleId(nz(3)), RegionHandleId(nz(9))]);
+        assert_eq!(decode_response(&reply.encode(), vec![]).unwrap(), reply);
+        assert_eq!(
+            decode_response::<u8>(&Response::<u8>::Orphans(vec![]).encode(), vec![]).unwrap(),
+            Response::Orphans(vec![])
+        );
+        assert!(matches!(
+            decode_response(&reply.encode(), vec![7u8]),
+            Err(PacketError::Descriptors {
+                kind: "orphans reply",
+                count: 1,
+                expected: 0
+            })
         ));
     }
 

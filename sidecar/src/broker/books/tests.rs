@@ -376,9 +376,12 @@ fn a_redemption_names_the_sessions_handles_that_nobody_else_holds_any_more() {
         redeem(kept).orphaned.is_empty(),
         "a region a request is using is not orphaned"
     );
+    assert!(books.orphans(worker).is_empty());
     drop(in_flight);
+    assert_eq!(books.orphans(worker), [gone], "asked without a redemption");
     assert_eq!(redeem(kept).orphaned, [gone]);
     books.forget(worker, gone).unwrap();
     assert_eq!(books.totals().regions, 1, "only `kept` is left");
     assert!(redeem(kept).orphaned.is_empty());
+    assert!(books.orphans(worker).is_empty());
 }
