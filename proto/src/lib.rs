@@ -6,6 +6,7 @@
 //!   answers UNIMPLEMENTED.
 //! - [`broker`]: the node broker's messages (region descriptors over a Unix socket).
 //! - [`health`]: `grpc.health.v1`, re-exported from `tonic-health`.
+//! - [`stream`]: how the worker and the sidecar serve ModelStreamInfer.
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors of every message above, for reflection,
 //!   protobuf text format (`config.pbtxt`) and the wire-compatibility test.
 
@@ -24,6 +25,7 @@ pub mod broker {
 
 pub mod http2;
 pub mod params;
+pub mod stream;
 
 /// `grpc.health.v1`, as served by `tonic-health`.
 pub use tonic_health as health;

@@ -728,3 +728,55 @@ async fn a_region_its_client_released_leaves_an_idle_workers_cache_without_anoth
         expected_sum(&kept_map.as_slice()[..MIB])
     );
 }
+
+#[tokio::test]
+async fn a_stream_through_the_sidecar_answers_each_request_when_ready_and_a_failed_one_in_its_own_response()
+ {
+    let dir = TempDir::new("stream");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let slow = Worker::start(&dir, "slow", "builtin://checksum?infer_delay_ms=1500", None).await;
+    let fast = Worker::start(&dir, "fast", "builtin://checksum", None).await;
+    sidecar.discover(&[("slow", &slow, NODE), ("fast", &fast, NODE)]);
+    let mut client = sidecar.unix_client().await;
+    let with_id = |mut request: ModelInferRequest, id: &str| {
+        request.id = id.into();
+        request
+    };
+    let mut bad = inline_request("fast", vec![1, 2, 3]);
+    bad.inputs[0].datatype = "FP32".into(); // 3 bytes are no FP32 tensor of shape [3]
+    let requests = vec![
+        with_id(inline_request("slow", vec![1; 1000]), "slow"),
+        with_id(inline_request("fast", vec![2; 1000]), "fast"),
+        with_id(bad, "bad"),
+    ];
+    let mut responses = client
+        .model_stream_infer(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut order = Vec::new();
+    while let Some(answer) = responses.message().await.unwrap() {
+        let response = answer
+            .infer_response
+            .expect("every answer names its request");
+        match response.id.as_str() {
+            "slow" | "fast" => {
+                assert_eq!(answer.error_message, "", "{}", response.id);
+                let byte = if response.id == "slow" { 1 } else { 2 };
+                assert_eq!(checksum(&response), 1000 * byte);
+            }
+            "bad" => {
+                assert!(!answer.error_message.is_empty());
+                assert_eq!(response.model_name, "fast");
+            }
+            other => panic!("an answer to no request: {other:?}"),
+        }
+        order.push(response.id);
+    }
+    assert_eq!(order.len(), 3, "{order:?}");
+    assert_eq!(
+        order.last().map(String::as_str),
+        Some("slow"),
+        "the slow request held up the ones after it: {order:?}"
+    );
+}

@@ -20,7 +20,7 @@ use remotemedia_proto::inference::{
 use remotemedia_proto::params::{
     SHARED_MEMORY_BYTE_SIZE, SHARED_MEMORY_OFFSET, SHARED_MEMORY_REGION,
 };
-use tokio::sync::{Semaphore, mpsc};
+use remotemedia_proto::stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Request, Response, Status, Streaming,
@@ -45,10 +45,6 @@ use crate::{
 const EXTENSIONS: [&str; 2] = ["model_configuration", "statistics"];
 /// Listed too while `--allow-named-shm` is on.
 const SHARED_MEMORY_EXTENSION: &str = "system_shared_memory";
-
-/// Requests of one ModelStreamInfer stream that may be in progress at once; the stream reads no
-/// further until one finishes, so a client cannot pile up unbounded work or responses.
-const STREAM_MAX_IN_FLIGHT: usize = 64;
 
 /// gRPC's header for the time a client gives a call.
 const GRPC_TIMEOUT: &str = "grpc-timeout";
@@ -391,61 +387,20 @@ impl GrpcInferenceService for InferenceService {
 
     type ModelStreamInferStream = ReceiverStream<Result<ModelStreamInferResponse, Status>>;
 
+    /// Each request runs as it arrives (`remotemedia_proto::stream`); the stream's deadline
+    /// bounds the stream, not each of its requests.
     async fn model_stream_infer(
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (responses, stream) = mpsc::channel(STREAM_MAX_IN_FLIGHT);
         let service = self.clone();
-        tokio::spawn(async move {
-            let in_flight = Arc::new(Semaphore::new(STREAM_MAX_IN_FLIGHT));
-            loop {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
-                };
-                let request = match inbound.message().await {
-                    Ok(Some(request)) => request,
-                    Ok(None) => break,
-                    Err(status) => {
-                        // The stream itself broke. tonic reports a message over the size
-                        // limit as OUT_OF_RANGE; gRPC's code for it is RESOURCE_EXHAUSTED.
-                        let status = if status.code() == tonic::Code::OutOfRange {
-                            Status::resource_exhausted(status.message())
-                        } else {
-                            status
-                        };
-                        let _ = responses.send(Err(status)).await;
-                        break;
-                    }
-                };
+        Ok(Response::new(stream::pipeline(
+            request.into_inner(),
+            move |request| {
                 let service = service.clone();
-                let responses = responses.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let echo = ModelInferResponse {
-                        model_name: request.model_name.clone(),
-                        id: request.id.clone(),
-                        ..Default::default()
-                    };
-                    // The stream's deadline bounds the stream, not each of its requests.
-                    let response = match service.infer_measured(request, None).await {
-                        Ok(response) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(response),
-                        },
-                        // One failed request is reported in its response; the stream goes on.
-                        Err(status) => ModelStreamInferResponse {
-                            error_message: status.message().to_owned(),
-                            infer_response: Some(echo),
-                        },
-                    };
-                    // A client that hung up gets nothing more; the work is already done.
-                    let _ = responses.send(Ok(response)).await;
-                });
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(stream)))
+                async move { service.infer_measured(request, None).await }
+            },
+        )))
     }
 
     async fn model_config(

@@ -15,7 +15,7 @@ use remotemedia_proto::inference::{
     grpc_inference_service_server::GrpcInferenceService,
 };
 use remotemedia_proto::params::{BROKERED_EXTENSION, SESSION_METADATA};
-use tokio::sync::mpsc;
+use remotemedia_proto::stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request, Response, Status, Streaming};
@@ -396,42 +396,21 @@ impl GrpcInferenceService for RouterService {
 
     type ModelStreamInferStream = ReceiverStream<Result<ModelStreamInferResponse, Status>>;
 
-    /// Each request of the stream is routed like ModelInfer, one at a time; a failed one is
-    /// reported in its response's `error_message` and the stream goes on.
+    /// Each request of the stream is routed like ModelInfer as it arrives
+    /// (`remotemedia_proto::stream`: its response goes back when ready, a failed one is reported
+    /// in its own response and the stream goes on).
     async fn model_stream_infer(
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         let connection = connection(&request);
-        let (metadata, _, mut incoming) = request.into_parts();
-        let (responses, stream) = mpsc::channel(16);
+        let (metadata, _, incoming) = request.into_parts();
+        let metadata = Arc::new(metadata);
         let service = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let message = match incoming.message().await {
-                    Ok(Some(message)) => message,
-                    Ok(None) => return,
-                    Err(status) => {
-                        let _ = responses.send(Err(status)).await;
-                        return;
-                    }
-                };
-                let answer = match service.infer(&metadata, connection, message).await {
-                    Ok(response) => ModelStreamInferResponse {
-                        error_message: String::new(),
-                        infer_response: Some(response),
-                    },
-                    Err(status) => ModelStreamInferResponse {
-                        error_message: status.message().to_owned(),
-                        infer_response: None,
-                    },
-                };
-                if responses.send(Ok(answer)).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(stream)))
+        Ok(Response::new(stream::pipeline(incoming, move |message| {
+            let (service, metadata) = (service.clone(), metadata.clone());
+            async move { service.infer(&metadata, connection, message).await }
+        })))
     }
 
     async fn model_config(
