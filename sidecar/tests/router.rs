@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use remotemedia_proto::inference::{
-    InferParameter, ModelInferRequest, ModelInferResponse, ServerLiveRequest,
-    ServerMetadataRequest, SystemSharedMemoryRegisterRequest, SystemSharedMemoryStatusRequest,
-    SystemSharedMemoryUnregisterRequest,
+    InferParameter, ModelInferRequest, ModelInferResponse, ModelStatisticsRequest,
+    ServerLiveRequest, ServerMetadataRequest, SystemSharedMemoryRegisterRequest,
+    SystemSharedMemoryStatusRequest, SystemSharedMemoryUnregisterRequest,
     grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer},
     infer_parameter::ParameterChoice,
     model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
@@ -779,4 +779,31 @@ async fn a_stream_through_the_sidecar_answers_each_request_when_ready_and_a_fail
         Some("slow"),
         "the slow request held up the ones after it: {order:?}"
     );
+}
+
+#[tokio::test]
+async fn statistics_without_a_model_name_list_every_model_the_sidecar_routes_to() {
+    let dir = TempDir::new("stats");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let alpha = Worker::start(&dir, "alpha", "builtin://checksum", None).await;
+    let beta = Worker::start(&dir, "beta", "builtin://checksum", None).await;
+    sidecar.discover(&[("alpha", &alpha, NODE), ("beta", &beta, "other-node")]);
+    let mut client = sidecar.unix_client().await;
+    for model in ["alpha", "alpha", "beta"] {
+        client
+            .model_infer(inline_request(model, vec![1; 64]))
+            .await
+            .unwrap();
+    }
+    let stats = client
+        .model_statistics(ModelStatisticsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats;
+    let counts: Vec<_> = stats
+        .iter()
+        .map(|model| (model.name.as_str(), model.inference_count))
+        .collect();
+    assert_eq!(counts, [("alpha", 2), ("beta", 1)]);
 }

@@ -297,6 +297,50 @@ impl RouterService {
         }
     }
 
+    /// ModelStatistics without a model name, as Triton answers it: every model discovery lists
+    /// and a ready worker serves, each under its discovery name (`modelId` or
+    /// `namespace/modelId`), counted by one of its workers (the one a request naming it would
+    /// reach). A worker that cannot be reached is left out; any other error is the answer.
+    async fn every_models_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let (metadata, _, message) = request.into_parts();
+        let models: std::collections::BTreeSet<String> = self
+            .router
+            .endpoints()
+            .iter()
+            .map(|spec| spec.model.clone())
+            .collect();
+        let mut model_stats = Vec::new();
+        for model in models {
+            let Some(route) = self.router.pick(&model, &[])? else {
+                continue;
+            };
+            let asked = ModelStatisticsRequest {
+                name: route.model.clone(),
+                ..message.clone()
+            };
+            let _call = route.worker.start();
+            let answer = route
+                .worker
+                .client()
+                .model_statistics(outgoing(asked, &metadata, deadline(&metadata)))
+                .await;
+            match answer {
+                Ok(answer) => model_stats.extend(answer.into_inner().model_stats.into_iter().map(
+                    |mut stats| {
+                        stats.name = model.clone();
+                        stats
+                    },
+                )),
+                Err(status) if worker_failed(&status) => route.worker.mark_down(),
+                Err(status) => return Err(status),
+            }
+        }
+        Ok(Response::new(ModelStatisticsResponse { model_stats }))
+    }
+
     /// An endpoint for a model-level call that is not an inference (no holding).
     fn route_now(&self, model: &str) -> Result<super::Route, Status> {
         if model.is_empty() {
@@ -424,11 +468,8 @@ impl GrpcInferenceService for RouterService {
         &self,
         request: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
-        // Statistics of every model would mean asking every worker; the sidecar answers per model.
         if request.get_ref().name.is_empty() {
-            return Err(Status::invalid_argument(
-                "the sidecar reports statistics per model: name one",
-            ));
+            return self.every_models_statistics(request).await;
         }
         forward!(self, request, model_statistics)
     }
