@@ -618,92 +618,110 @@ async fn unregistering_a_named_region_waits_for_the_request_writing_into_it() {
     infer.await.unwrap().unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_region_its_client_released_leaves_the_workers_cache_at_the_next_request() {
-    let dir = TempDir::new("orphans");
-    let sidecar = Sidecar::start(&dir, &[]).await;
-    // No sweeps while idle: only the next request's grant can return the region.
-    let near = Worker::start_with(
-        &dir,
-        "near",
-        "builtin://checksum",
-        Some(&dir.0),
-        &["--orphan-sweep-interval", "0s"],
-    )
-    .await;
-    sidecar.discover(&[("near", &near, NODE)]);
-    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
-    let mut client = sidecar.unix_client().await;
-    let (first, first_map) = region(&broker, MIB, |i| (i % 7) as u8);
-    let (second, second_map) = region(&broker, MIB, |i| (i % 5) as u8);
-    let mut infer = async |key, map: &Region| {
-        let response = client
-            .model_infer(with_session(brokered_request("near", key, 0, MIB), &broker))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(checksum(&response), expected_sum(&map.as_slice()[..MIB]));
-    };
-    let regions = async || sidecar.metric("remotemedia_sidecar_shm_regions").await;
-
-    infer(first.key(), &first_map).await;
-    let one = near.memfd_mappings();
-    infer(second.key(), &second_map).await;
-    let two = near.memfd_mappings();
-    assert!(two > one, "the worker maps each region it is granted");
-    assert_eq!(regions().await, 2.0);
-
-    drop((first, first_map));
-    assert_eq!(
-        regions().await,
-        2.0,
-        "the worker's cache still holds the released region"
-    );
-    infer(second.key(), &second_map).await;
-    assert_eq!(
-        near.memfd_mappings(),
-        one,
-        "the released region is still mapped"
-    );
-    assert_eq!(regions().await, 1.0, "the released region is still alive");
+/// A sidecar and a colocated checksum worker sweeping orphaned regions every `sweep`, and a
+/// client with a broker session.
+struct Colocated {
+    sidecar: Sidecar,
+    near: Worker,
+    broker: BrokerClient,
+    client: Client,
+    _dir: TempDir,
 }
 
-#[tokio::test]
-async fn a_region_its_client_released_leaves_an_idle_workers_cache_without_another_request() {
-    let dir = TempDir::new("sweep");
-    let sidecar = Sidecar::start(&dir, &[]).await;
-    let near = Worker::start_with(
-        &dir,
-        "near",
-        "builtin://checksum",
-        Some(&dir.0),
-        &["--orphan-sweep-interval", "200ms"],
-    )
-    .await;
-    sidecar.discover(&[("near", &near, NODE)]);
-    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
-    let mut client = sidecar.unix_client().await;
-    let before = near.memfd_mappings();
-    let (kept, kept_map) = region(&broker, MIB, |i| (i % 7) as u8);
-    let (released, released_map) = region(&broker, MIB, |i| (i % 5) as u8);
-    for (key, map) in [(kept.key(), &kept_map), (released.key(), &released_map)] {
-        let response = client
-            .model_infer(with_session(brokered_request("near", key, 0, MIB), &broker))
+impl Colocated {
+    async fn start(name: &str, sweep: &str) -> Self {
+        let dir = TempDir::new(name);
+        let sidecar = Sidecar::start(&dir, &[]).await;
+        let near = Worker::start_with(
+            &dir,
+            "near",
+            "builtin://checksum",
+            Some(&dir.0),
+            &["--orphan-sweep-interval", sweep],
+        )
+        .await;
+        sidecar.discover(&[("near", &near, NODE)]);
+        let broker = BrokerClient::connect(&dir.0, "app").unwrap();
+        let client = sidecar.unix_client().await;
+        Self {
+            sidecar,
+            near,
+            broker,
+            client,
+            _dir: dir,
+        }
+    }
+
+    /// Checksums the first MiB of the region `key` (mapped here as `map`) through the sidecar.
+    async fn infer(&mut self, key: RegionKey, map: &Region) {
+        let response = self
+            .client
+            .model_infer(with_session(
+                brokered_request("near", key, 0, MIB),
+                &self.broker,
+            ))
             .await
             .unwrap()
             .into_inner();
         assert_eq!(checksum(&response), expected_sum(&map.as_slice()[..MIB]));
     }
-    let mapped = near.memfd_mappings();
+
+    async fn regions(&self) -> f64 {
+        self.sidecar.metric("remotemedia_sidecar_shm_regions").await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_region_its_client_released_leaves_the_workers_cache_at_the_next_request() {
+    // No sweeps while idle: only the next request's grant can return the region.
+    let mut setup = Colocated::start("orphans", "0s").await;
+    let (first, first_map) = region(&setup.broker, MIB, |i| (i % 7) as u8);
+    let (second, second_map) = region(&setup.broker, MIB, |i| (i % 5) as u8);
+
+    setup.infer(first.key(), &first_map).await;
+    let one = setup.near.memfd_mappings();
+    setup.infer(second.key(), &second_map).await;
+    let two = setup.near.memfd_mappings();
+    assert!(two > one, "the worker maps each region it is granted");
+    assert_eq!(setup.regions().await, 2.0);
+
+    drop((first, first_map));
+    assert_eq!(
+        setup.regions().await,
+        2.0,
+        "the worker's cache still holds the released region"
+    );
+    setup.infer(second.key(), &second_map).await;
+    assert_eq!(
+        setup.near.memfd_mappings(),
+        one,
+        "the released region is still mapped"
+    );
+    assert_eq!(
+        setup.regions().await,
+        1.0,
+        "the released region is still alive"
+    );
+}
+
+#[tokio::test]
+async fn a_region_its_client_released_leaves_an_idle_workers_cache_without_another_request() {
+    let mut setup = Colocated::start("sweep", "200ms").await;
+    let before = setup.near.memfd_mappings();
+    let (kept, kept_map) = region(&setup.broker, MIB, |i| (i % 7) as u8);
+    let (released, released_map) = region(&setup.broker, MIB, |i| (i % 5) as u8);
+    setup.infer(kept.key(), &kept_map).await;
+    setup.infer(released.key(), &released_map).await;
+    let mapped = setup.near.memfd_mappings();
     assert!(mapped > before, "the worker maps the regions it is granted");
     // Several sweeps pass while the client holds both: nothing is returned.
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(near.memfd_mappings(), mapped);
-    assert_eq!(sidecar.metric("remotemedia_sidecar_shm_regions").await, 2.0);
+    assert_eq!(setup.near.memfd_mappings(), mapped);
+    assert_eq!(setup.regions().await, 2.0);
 
     drop((released, released_map));
     let deadline = Instant::now() + Duration::from_secs(5);
-    while sidecar.metric("remotemedia_sidecar_shm_regions").await != 1.0 {
+    while setup.regions().await != 1.0 {
         assert!(
             Instant::now() < deadline,
             "the idle worker still holds the released region after 5 s"
@@ -711,22 +729,11 @@ async fn a_region_its_client_released_leaves_an_idle_workers_cache_without_anoth
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
-        near.memfd_mappings() < mapped,
+        setup.near.memfd_mappings() < mapped,
         "the released region is unmapped in the worker"
     );
     // The region the client still holds stays cached and is read in place again.
-    let response = client
-        .model_infer(with_session(
-            brokered_request("near", kept.key(), 0, MIB),
-            &broker,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        checksum(&response),
-        expected_sum(&kept_map.as_slice()[..MIB])
-    );
+    setup.infer(kept.key(), &kept_map).await;
 }
 
 #[tokio::test]
