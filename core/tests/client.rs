@@ -518,20 +518,24 @@ async fn an_unreachable_endpoint_is_worker_unavailable_after_bounded_retries_wit
     }
 }
 
-#[tokio::test]
-async fn a_datatype_the_model_does_not_take_is_invalid_argument_with_the_servers_message() {
-    let worker = Worker::start("builtin://identity?datatype=FP32", &[]);
+/// The error a worker's answer to `len` INT32s sent with `options` becomes.
+async fn refusal(worker: &Worker, len: usize, options: InferOptions) -> ClientError {
     let client = ModelWorkerClient::connect(&worker.endpoint())
         .await
         .unwrap();
-    let error = client
+    client
         .infer(
-            TensorBuffer::from_vec(counting(4), vec![4], DataType::I32),
-            Default::default(),
+            TensorBuffer::from_vec(counting(len), vec![len], DataType::I32),
+            options,
         )
         .await
-        .unwrap_err();
-    match error {
+        .unwrap_err()
+}
+
+#[tokio::test]
+async fn a_datatype_the_model_does_not_take_is_invalid_argument_with_the_servers_message() {
+    let worker = Worker::start("builtin://identity?datatype=FP32", &[]);
+    match refusal(&worker, 4, InferOptions::default()).await {
         ClientError::InvalidArgument { message } => assert!(message.contains("INT32"), "{message}"),
         other => panic!("{other:?}"),
     }
@@ -540,21 +544,11 @@ async fn a_datatype_the_model_does_not_take_is_invalid_argument_with_the_servers
 #[tokio::test]
 async fn an_unknown_model_is_not_found() {
     let worker = Worker::start("builtin://identity", &[]);
-    let client = ModelWorkerClient::connect(&worker.endpoint())
-        .await
-        .unwrap();
     let options = InferOptions {
         model: Some("no-such-model".into()),
         ..Default::default()
     };
-    let error = client
-        .infer(
-            TensorBuffer::from_vec(counting(4), vec![4], DataType::I32),
-            options,
-        )
-        .await
-        .unwrap_err();
-    match error {
+    match refusal(&worker, 4, options).await {
         ClientError::NotFound { message } => {
             assert!(message.contains("no-such-model"), "{message}")
         }
@@ -565,16 +559,7 @@ async fn an_unknown_model_is_not_found() {
 #[tokio::test]
 async fn a_message_over_the_servers_limit_is_resource_exhausted() {
     let worker = Worker::start("builtin://identity", &["--max-message-bytes", "65536"]);
-    let client = ModelWorkerClient::connect(&worker.endpoint())
-        .await
-        .unwrap();
-    let error = client
-        .infer(
-            TensorBuffer::from_vec(counting(MIB), vec![MIB], DataType::I32),
-            Default::default(),
-        )
-        .await
-        .unwrap_err();
+    let error = refusal(&worker, MIB, InferOptions::default()).await;
     assert!(
         matches!(error, ClientError::ResourceExhausted { .. }),
         "{error:?}"
@@ -592,14 +577,7 @@ async fn a_model_still_loading_is_unavailable() {
         model: Some("m".into()),
         ..Default::default()
     };
-    let error = client
-        .infer(
-            TensorBuffer::from_vec(counting(4), vec![4], DataType::I32),
-            options,
-        )
-        .await
-        .unwrap_err();
-    match error {
+    match refusal(&worker, 4, options).await {
         ClientError::Unavailable { message } => assert!(message.contains("not ready"), "{message}"),
         other => panic!("{other:?}"),
     }
