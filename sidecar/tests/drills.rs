@@ -241,7 +241,10 @@ async fn ten_thousand_requests_after_warm_up_grow_neither_memory_nor_descriptors
                             let data = (0..len).map(|i| i as u8).collect();
                             client.model_infer(inline_request("far", data)).await
                         };
-                        assert_eq!(checksum(response.unwrap().get_ref()), expected);
+                        let response = response.unwrap_or_else(|status| {
+                            panic!("request {n} of lane {lane} failed: {status:?}")
+                        });
+                        assert_eq!(checksum(response.get_ref()), expected);
                     }
                 })
             })
