@@ -253,8 +253,7 @@ async fn the_readmes_install_steps_install_the_chart_and_its_app_gets_the_exampl
         .wait_for_endpoints(&namespace, &endpoints, WAIT)
         .await?;
 
-    // The app, as the app pod runs it on that node. Its bare model name would match every
-    // namespace's `silero-vad` (other tests apply the example too): it asks for this one's.
+    // The app, as the app pod runs it on that node.
     let worker_requests = || -> f64 {
         workers
             .iter()
@@ -262,6 +261,8 @@ async fn the_readmes_install_steps_install_the_chart_and_its_app_gets_the_exampl
             .sum()
     };
     let before = worker_requests();
+    // Its bare model name would match every namespace's `silero-vad` (other tests apply the
+    // example too): it asks for this namespace's.
     let bare = format!("model=\"{EXAMPLE}\"");
     assert!(app.contains(&bare), "the app names no model {bare}:\n{app}");
     let app = app.replace(&bare, &format!("model=\"{namespace}/{EXAMPLE}\""));
