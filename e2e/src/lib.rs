@@ -5,11 +5,13 @@
 //! `nvidia.com/gpu` each and one CPU-only node.
 
 pub mod chart;
+pub mod examples;
 pub mod netns;
 pub mod nodes;
 pub mod operator;
 #[path = "../../core/tests/support/ports.rs"]
 pub mod ports;
+pub mod procfs;
 
 use std::{future::Future, time::Duration};
 

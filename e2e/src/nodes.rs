@@ -14,7 +14,7 @@ use std::{net::Ipv4Addr, path::Path, time::Duration};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client,
-    api::{Patch, PatchParams, PostParams},
+    api::{ListParams, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
 
@@ -130,6 +130,44 @@ impl TestNode {
         })
     }
 
+    /// Starts this node's sidecar as the chart runs it: `--discovery kubernetes`, `--node-name`
+    /// this node, listening in its socket directory, with `KUBECONFIG` `kubeconfig` (a token of
+    /// the chart's sidecar service account) and `args` besides; returns once its broker socket
+    /// exists, since workers join the broker as they start.
+    pub async fn start_sidecar(&self, kubeconfig: &str, args: &[&str]) -> Result<Component, Error> {
+        let socket_dir = self
+            .socket_dir()
+            .to_str()
+            .ok_or_else(|| Error::Process("failed to use a socket directory: not UTF-8".into()))?;
+        let mut all = vec![
+            "--socket-dir",
+            socket_dir,
+            "--admin-address",
+            "127.0.0.1",
+            "--discovery",
+            "kubernetes",
+            "--node-name",
+            &self.name,
+        ];
+        all.extend(args);
+        let sidecar =
+            Component::start_sidecar_with_env(&self.name, &all, &[("KUBECONFIG", kubeconfig)])?;
+        let socket = self.socket_dir().join("broker.sock");
+        wait_until(
+            &format!("{}", socket.display()),
+            Duration::from_secs(60),
+            || async {
+                Ok(if socket.exists() {
+                    Probe::Done(())
+                } else {
+                    Probe::Waiting(format!("absent; log {}", sidecar.log.display()))
+                })
+            },
+        )
+        .await?;
+        Ok(sidecar)
+    }
+
     /// Runs the worker container of `pod` (scheduled here, given its IP by kwok) as a
     /// `remotemedia-model-worker` process in this node's network, with the pod's arguments but
     /// for three: `--model-path` is `model` (what the pod's volume or image would hold),
@@ -195,6 +233,42 @@ impl TestNode {
         set_pod_ready(&self.client, namespace, name, true).await?;
         Ok(worker)
     }
+}
+
+/// The `count` running pods of ModelWorker `name` in `namespace`, once kwok gave each an IP.
+pub async fn running_pods(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    count: usize,
+) -> Result<Vec<Pod>, Error> {
+    let pods = &Api::<Pod>::namespaced(client.clone(), namespace);
+    let selector = &format!("remotemedia.io/model-worker={name}");
+    wait_until(
+        &format!("{count} running pods of {name}"),
+        Duration::from_secs(60),
+        || async move {
+            let list = pods
+                .list(&ListParams::default().labels(selector))
+                .await
+                .map_err(api("list the worker pods"))?;
+            let running: Vec<Pod> = list
+                .items
+                .into_iter()
+                .filter(|pod| {
+                    pod.status.as_ref().is_some_and(|s| {
+                        s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()
+                    })
+                })
+                .collect();
+            Ok(if running.len() == count {
+                Probe::Done(running)
+            } else {
+                Probe::Waiting(format!("{} running with an IP", running.len()))
+            })
+        },
+    )
+    .await
 }
 
 /// Sets a pod's Ready condition through the status subresource, as a kubelet whose readiness

@@ -160,6 +160,59 @@ impl Component {
         Some((code, body))
     }
 
+    /// A counter or gauge summed over its labels (`name` may end in a label set, `{path="x"}`);
+    /// 0 when no series matches. Panics while the admin port does not answer.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics").expect("the admin port answers");
+        body.lines()
+            .filter(|line| {
+                line.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// A sidecar's endpoints of `namespace`'s models from `/debug/endpoints`, one line each:
+    /// `namespace/model address node colocated`. `None` while the admin port does not answer.
+    pub fn endpoint_lines(&self, namespace: &str) -> Option<Vec<String>> {
+        let (code, body) = self.get("/debug/endpoints")?;
+        (code == 200).then(|| {
+            body.lines()
+                .filter(|line| line.starts_with(&format!("{namespace}/")))
+                .map(|line| line.split('\t').collect::<Vec<_>>().join(" "))
+                .collect()
+        })
+    }
+
+    /// Waits until a sidecar lists exactly `want`, in any order, for `namespace`
+    /// ([`Component::endpoint_lines`]).
+    pub async fn wait_for_endpoints(
+        &self,
+        namespace: &str,
+        want: &[String],
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let mut want = want.to_vec();
+        want.sort();
+        let want = &want;
+        crate::wait_until(
+            &format!("the sidecar to list {want:?}"),
+            timeout,
+            || async move {
+                let mut lines = self.endpoint_lines(namespace);
+                if let Some(lines) = &mut lines {
+                    lines.sort();
+                }
+                Ok(match lines {
+                    Some(lines) if lines == *want => crate::Probe::Done(()),
+                    seen => crate::Probe::Waiting(format!("{seen:?}")),
+                })
+            },
+        )
+        .await
+    }
+
     /// The value of an unlabelled metric, `None` while the admin port does not answer.
     pub fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics")?;

@@ -11,41 +11,10 @@ use std::time::Duration;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use remotemedia_crds::ModelWorker;
-use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, install_crd, operator::Component, repo, wait_until,
-};
+use remotemedia_e2e::{Error, TestNamespace, api, client, install_crd, operator::Component, repo};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The sidecar's endpoint lines of `namespace`'s models: `model address node colocated`.
-fn endpoint_lines(sidecar: &Component, namespace: &str) -> Option<Vec<String>> {
-    let (code, body) = sidecar.get("/debug/endpoints")?;
-    (code == 200).then(|| {
-        body.lines()
-            .filter(|line| line.starts_with(&format!("{namespace}/")))
-            .map(|line| line.split('\t').collect::<Vec<_>>().join(" "))
-            .collect()
-    })
-}
-
-async fn wait_for_lines(
-    sidecar: &Component,
-    namespace: &str,
-    want: &[String],
-) -> Result<(), Error> {
-    wait_until(
-        &format!("the sidecar to list {want:?}"),
-        WAIT,
-        || async move {
-            Ok(match endpoint_lines(sidecar, namespace) {
-                Some(lines) if lines == want => Probe::Done(()),
-                seen => Probe::Waiting(format!("{seen:?}")),
-            })
-        },
-    )
-    .await
-}
 
 fn conditions(ready: bool, serving: bool, terminating: bool) -> serde_json::Value {
     json!({ "ready": ready, "serving": serving, "terminating": terminating })
@@ -122,7 +91,7 @@ async fn the_sidecar_lists_model_worker_endpoints_colocated_on_its_node_and_drop
     let a = format!("{}/vad 10.251.1.5:50051 node-a true", ns.name);
     let b = format!("{}/vad 10.251.2.5:50051 node-b false", ns.name);
     let both = [a.clone(), b];
-    wait_for_lines(&sidecar, &ns.name, &both).await?;
+    sidecar.wait_for_endpoints(&ns.name, &both, WAIT).await?;
 
     // Not serving, then serving but terminating: no new requests either way; ready again, back.
     for b_conditions in [
@@ -141,7 +110,7 @@ async fn the_sidecar_lists_model_worker_endpoints_colocated_on_its_node_and_drop
                 )
                 .await
                 .map_err(api("patch the EndpointSlice"))?;
-            wait_for_lines(&sidecar, &ns.name, want).await?;
+            sidecar.wait_for_endpoints(&ns.name, want, WAIT).await?;
         }
     }
 
@@ -156,7 +125,7 @@ async fn the_sidecar_lists_model_worker_endpoints_colocated_on_its_node_and_drop
         .delete("vad-worker", &DeleteParams::default())
         .await
         .map_err(api("delete the ModelWorker"))?;
-    wait_for_lines(&sidecar, &ns.name, &[]).await?;
+    sidecar.wait_for_endpoints(&ns.name, &[], WAIT).await?;
     drop(sidecar);
     ns.delete().await
 }

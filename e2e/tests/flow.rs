@@ -17,20 +17,20 @@
 //! and once the pod is ready again they do.
 
 use std::{
-    path::Path,
     process::{Child, Command, Output, Stdio},
     time::Duration,
 };
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ListParams, PostParams};
+use kube::api::PostParams;
 use remotemedia_crds::ModelWorker;
 use remotemedia_e2e::{
     Error, Probe, TestNamespace, api,
     chart::{allow_host_path, expect_permissions, service_account_token, token_kubeconfig},
     client, install_crd,
-    nodes::{TestNode, set_pod_ready},
+    nodes::{TestNode, running_pods, set_pod_ready},
     operator::{Component, binary},
+    procfs::{io_bytes, mapped_regions},
     run_ok, wait_until,
 };
 use serde_json::json;
@@ -41,38 +41,6 @@ const TENSOR_BYTES: u64 = 16 << 20;
 /// How long B's worker holds each request: the not-ready pod must leave the sidecar's list
 /// while one is in flight.
 const FAR_DELAY_MS: u64 = 6000;
-
-/// `rchar + wchar` of `pid` (`/proc/<pid>/io`): socket bytes show on the sending side.
-fn io_bytes(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/<pid>/io");
-    text.lines()
-        .filter_map(|line| {
-            let (key, value) = line.split_once(": ")?;
-            matches!(key, "rchar" | "wchar").then(|| value.trim().parse::<u64>().ok())?
-        })
-        .sum()
-}
-
-/// The brokered regions `pid` maps.
-fn mapped_regions(pid: u32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .expect("/proc/<pid>/maps")
-        .lines()
-        .filter(|line| line.contains("/memfd:remotemedia-region"))
-        .count()
-}
-
-/// A counter or gauge summed over its labels, from a component's admin port.
-fn metric_sum(component: &Component, name: &str) -> f64 {
-    let (_, body) = component.get("/metrics").expect("the admin port answers");
-    body.lines()
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(['{', ' ']))
-        })
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
 
 /// The app: the demo's client on node A, asking `model` through A's sidecar.
 fn app(sidecar: &Component, node: &TestNode, model: &str, worker: &Component) -> Command {
@@ -125,56 +93,6 @@ fn describe(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-/// Waits until A's sidecar lists exactly `want` for the namespace (`model address node colocated`).
-async fn wait_for_endpoints(
-    sidecar: &Component,
-    namespace: &str,
-    want: &[String],
-) -> Result<(), Error> {
-    wait_until(
-        &format!("the sidecar to list {want:?}"),
-        WAIT,
-        || async move {
-            let lines = sidecar.get("/debug/endpoints").map(|(_, body)| {
-                body.lines()
-                    .filter(|line| line.starts_with(&format!("{namespace}/")))
-                    .map(|line| line.split('\t').collect::<Vec<_>>().join(" "))
-                    .collect::<Vec<_>>()
-            });
-            Ok(match lines {
-                Some(lines) if lines == want => Probe::Done(()),
-                seen => Probe::Waiting(format!("{seen:?}")),
-            })
-        },
-    )
-    .await
-}
-
-/// The running pod of ModelWorker `name`, once kwok gave it an IP.
-async fn running_pod(ns: &TestNamespace, name: &str) -> Result<Pod, Error> {
-    let pods = &ns.api::<Pod>();
-    let selector = format!("remotemedia.io/model-worker={name}");
-    wait_until(&format!("a running pod of {name}"), WAIT, || {
-        let selector = selector.clone();
-        async move {
-            let list = pods
-                .list(&ListParams::default().labels(&selector))
-                .await
-                .map_err(api("list the worker pods"))?;
-            let running = list.items.into_iter().find(|pod| {
-                pod.status
-                    .as_ref()
-                    .is_some_and(|s| s.phase.as_deref() == Some("Running") && s.pod_ip.is_some())
-            });
-            Ok(match running {
-                Some(pod) => Probe::Done(pod),
-                None => Probe::Waiting("no running pod with an IP".to_owned()),
-            })
-        }
-    })
-    .await
 }
 
 fn model_worker(ns: &str, name: &str, node: &TestNode) -> ModelWorker {
@@ -245,39 +163,12 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
         &["--leader-election=false", "--watch-namespace", &ns.name],
         &[("KUBECONFIG", operator_config)],
     )?;
-    let sidecar = |node: &TestNode| {
-        let socket_dir = node.socket_dir().to_str().expect("UTF-8 temporary path");
-        Component::start_sidecar_with_env(
-            &node.name,
-            &[
-                "--socket-dir",
-                socket_dir,
-                "--admin-address",
-                "127.0.0.1",
-                "--discovery",
-                "kubernetes",
-                "--node-name",
-                &node.name,
-                "--hold-timeout",
-                "2s",
-            ],
-            &[("KUBECONFIG", sidecar_config)],
-        )
-    };
-    let sidecar_a = sidecar(&node_a)?;
-    let _sidecar_b = sidecar(&node_b)?;
-    // Workers join their node's broker at start: wait for the sockets.
-    for node in [&node_a, &node_b] {
-        let socket = node.socket_dir().join("broker.sock");
-        wait_until(&format!("{}", socket.display()), WAIT, || async {
-            Ok(if Path::new(&socket).exists() {
-                Probe::Done(())
-            } else {
-                Probe::Waiting("absent".into())
-            })
-        })
+    let sidecar_a = node_a
+        .start_sidecar(sidecar_config, &["--hold-timeout", "2s"])
         .await?;
-    }
+    let _sidecar_b = node_b
+        .start_sidecar(sidecar_config, &["--hold-timeout", "2s"])
+        .await?;
 
     let workers = ns.api::<ModelWorker>();
     for (name, node) in [("near", &node_a), ("far", &node_b)] {
@@ -286,8 +177,8 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
             .await
             .map_err(api("create a ModelWorker"))?;
     }
-    let near_pod = running_pod(&ns, "near").await?;
-    let far_pod = running_pod(&ns, "far").await?;
+    let near_pod = running_pods(&client, &ns.name, "near", 1).await?.remove(0);
+    let far_pod = running_pods(&client, &ns.name, "far", 1).await?.remove(0);
     for pod in [&near_pod, &far_pod] {
         let conditions = pod.status.as_ref().and_then(|s| s.conditions.clone());
         assert!(
@@ -323,7 +214,9 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
         ip(&far_pod),
         node_b.name
     );
-    wait_for_endpoints(&sidecar_a, &ns.name, &[far_line.clone(), near_line.clone()]).await?;
+    sidecar_a
+        .wait_for_endpoints(&ns.name, &[far_line.clone(), near_line.clone()], WAIT)
+        .await?;
 
     // In place on A: the worker maps the client's region and moves no tensor bytes.
     let near_model = format!("{}/near", ns.name);
@@ -338,8 +231,7 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
         "near: the worker maps no brokered region"
     );
     assert_eq!(
-        metric_sum(
-            &sidecar_a,
+        sidecar_a.metric_sum(
             "remotemedia_sidecar_inference_requests_total{path=\"shm_local\",outcome=\"ok\"}"
         ),
         1.0
@@ -362,20 +254,19 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
         "far: the worker maps a brokered region"
     );
     assert_eq!(
-        metric_sum(
-            &sidecar_a,
+        sidecar_a.metric_sum(
             "remotemedia_sidecar_inference_requests_total{path=\"inline_remote\",outcome=\"ok\"}"
         ),
         1.0
     );
 
     // B's pod turns not-ready while a request is in flight to it.
-    let far_requests = || metric_sum(&far, "remotemedia_worker_requests_total");
+    let far_requests = || far.metric_sum("remotemedia_worker_requests_total");
     let served = far_requests();
     let in_flight = App::start(app(&sidecar_a, &node_a, &far_model, &far));
     let far_ref = &far;
     wait_until("a request in flight at B's worker", WAIT, || async move {
-        Ok(match metric_sum(far_ref, "remotemedia_worker_in_flight") {
+        Ok(match far_ref.metric_sum("remotemedia_worker_in_flight") {
             n if n >= 1.0 => Probe::Done(()),
             n => Probe::Waiting(format!("{n} in flight")),
         })
@@ -383,9 +274,11 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
     .await?;
     let far_name = far_pod.metadata.name.clone().expect("pods are named");
     set_pod_ready(&client, &ns.name, &far_name, false).await?;
-    wait_for_endpoints(&sidecar_a, &ns.name, std::slice::from_ref(&near_line)).await?;
+    sidecar_a
+        .wait_for_endpoints(&ns.name, std::slice::from_ref(&near_line), WAIT)
+        .await?;
     assert_eq!(
-        metric_sum(&far, "remotemedia_worker_in_flight"),
+        far.metric_sum("remotemedia_worker_in_flight"),
         1.0,
         "the request finished before its endpoint left the list: raise FAR_DELAY_MS"
     );
@@ -412,7 +305,9 @@ async fn a_sidecar_routes_in_place_to_its_nodes_worker_inline_to_another_nodes_a
 
     // Ready again: requests reach it again.
     set_pod_ready(&client, &ns.name, &far_name, true).await?;
-    wait_for_endpoints(&sidecar_a, &ns.name, &[far_line, near_line]).await?;
+    sidecar_a
+        .wait_for_endpoints(&ns.name, &[far_line, near_line], WAIT)
+        .await?;
     let out = App::start(app(&sidecar_a, &node_a, &far_model, &far)).finish();
     assert!(
         out.status.success(),

@@ -10,19 +10,22 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         coordination::v1::Lease,
-        core::v1::{PersistentVolume, PersistentVolumeClaim, Pod, Service},
+        core::v1::{Pod, Service},
         policy::v1::PodDisruptionBudget,
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
-    Api, Client,
+    Api,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use remotemedia_crds::ModelWorker;
 use remotemedia_e2e::{
-    Error, Probe, TestNamespace, api, client, install_crd, kubectl_ok, operator::Component, repo,
-    wait_until,
+    Error, Probe, TestNamespace, api, client,
+    examples::{delete_models_volume, models_claim},
+    install_crd, kubectl_ok,
+    operator::Component,
+    repo, wait_until,
 };
 use serde_json::{Value, json};
 
@@ -132,46 +135,6 @@ where
     }
 }
 
-/// A PersistentVolumeClaim `models`, bound to a volume of its own, as the examples expect.
-async fn models_claim(client: &Client, ns: &TestNamespace) -> Result<(), Error> {
-    let volume_name = format!("{}-models", ns.name);
-    let volume: PersistentVolume = serde_json::from_value(json!({
-        "metadata": { "name": volume_name, "labels": { remotemedia_e2e::TEST_LABEL: "true" } },
-        "spec": {
-            "capacity": { "storage": "1Gi" }, "accessModes": ["ReadOnlyMany"],
-            "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
-            "hostPath": { "path": "/srv/models" },
-            "claimRef": { "namespace": ns.name, "name": "models" },
-        },
-    }))
-    .expect("a volume built from literals is valid");
-    Api::<PersistentVolume>::all(client.clone())
-        .create(&PostParams::default(), &volume)
-        .await
-        .map_err(api("create the models volume"))?;
-    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
-        "metadata": { "name": "models" },
-        "spec": {
-            "accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": volume_name,
-            "resources": { "requests": { "storage": "1Gi" } },
-        },
-    }))
-    .expect("a claim built from literals is valid");
-    ns.api::<PersistentVolumeClaim>()
-        .create(&PostParams::default(), &claim)
-        .await
-        .map_err(api("create the models claim"))?;
-    Ok(())
-}
-
-async fn delete_volume(client: &Client, ns: &TestNamespace) -> Result<(), Error> {
-    Api::<PersistentVolume>::all(client.clone())
-        .delete(&format!("{}-models", ns.name), &DeleteParams::default())
-        .await
-        .map_err(api("delete the models volume"))?;
-    Ok(())
-}
-
 fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -240,7 +203,7 @@ async fn examples_become_ready_deployments_with_service_and_disruption_budget() 
     install_crd(&client().await?).await?;
     let client = client().await?;
     let ns = TestNamespace::create(&client, "op-examples").await?;
-    models_claim(&client, &ns).await?;
+    models_claim(&client, &ns.name).await?;
     let _operator = operator_for(&ns)?;
     // Give the operator a moment to list and watch, so the timing below is the reconcile's.
     wait_until("the operator ready", SETTLE, || async {
@@ -395,7 +358,7 @@ async fn examples_become_ready_deployments_with_service_and_disruption_budget() 
             Some("False")
         );
     }
-    delete_volume(&client, &ns).await?;
+    delete_models_volume(&client, &ns.name).await?;
     ns.delete().await
 }
 
