@@ -216,6 +216,7 @@ async fn tcp(port: u16) -> Result<GrpcInferenceServiceClient<tonic::transport::C
 /// Serves a sink (every ModelInfer answered empty) on a free loopback port from a runtime of its
 /// own, as another process would.
 fn serve_sink() -> Result<u16> {
+    let window = remotemedia_proto::http2::window(MAX_MESSAGE.parse()?);
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     listener.set_nonblocking(true)?;
@@ -234,7 +235,12 @@ fn serve_sink() -> Result<u16> {
             let service = GrpcInferenceServiceServer::new(sink)
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX);
+            // The worker's HTTP/2 settings: with tonic's default 64 KiB windows this row timed
+            // window updates, not the hop (16 MiB took 28 times as long as to the worker).
             tonic::transport::Server::builder()
+                .initial_stream_window_size(window)
+                .initial_connection_window_size(window)
+                .max_frame_size(remotemedia_proto::http2::MAX_FRAME_BYTES)
                 .add_service(service)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
