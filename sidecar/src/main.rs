@@ -3,6 +3,12 @@
 use clap::Parser;
 use remotemedia_sidecar::Args;
 
+/// Inline tensors pass through buffers as large as the message (decoded from the client,
+/// encoded again for the worker); mimalloc reuses their pages where glibc maps and unmaps each
+/// one (see the worker's `main.rs`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

@@ -814,3 +814,48 @@ async fn statistics_without_a_model_name_list_every_model_the_sidecar_routes_to(
         .collect();
     assert_eq!(counts, [("alpha", 2), ("beta", 1)]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sidecar_maps_a_region_once_for_remote_requests_and_unmaps_it_when_the_region_goes() {
+    let dir = TempDir::new("remote-mapping");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let far = Worker::start(&dir, "far", "builtin://checksum", None).await;
+    sidecar.discover(&[("far", &far, "node-b")]);
+    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
+    let mut client = sidecar.unix_client().await;
+    let (handle, mapped) = region(&broker, MIB, |i| (i % 13) as u8);
+    let expected = expected_sum(&mapped.as_slice()[..MIB]);
+    // The sidecar's mappings of brokered regions, as /proc shows them (address range included).
+    let regions_mapped = || {
+        std::fs::read_to_string(format!("/proc/{}/maps", sidecar.process.pid()))
+            .unwrap()
+            .lines()
+            .filter(|line| line.contains("memfd:remotemedia-region"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    assert!(regions_mapped().is_empty());
+
+    let mut mappings = Vec::new();
+    for _ in 0..3 {
+        let request = with_session(brokered_request("far", handle.key(), 0, MIB), &broker);
+        let response = client.model_infer(request).await.unwrap().into_inner();
+        assert_eq!(checksum(&response), expected);
+        mappings.push(regions_mapped());
+    }
+    assert_eq!(mappings[0].len(), 1, "{mappings:?}");
+    assert!(
+        mappings.iter().all(|m| *m == mappings[0]),
+        "the region was mapped again: {mappings:?}"
+    );
+
+    drop((handle, mapped));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !regions_mapped().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the sidecar still maps a released region"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -24,8 +24,8 @@ use remotemedia_proto::inference::{
 use remotemedia_proto::params::{
     BROKERED_BYTE_SIZE, BROKERED_GRANT, BROKERED_OFFSET, BROKERED_REGION, SHARED_MEMORY_REGION,
 };
+use remotemedia_runtime_core::shm::Region;
 use remotemedia_runtime_core::shm::broker::{RegionKey, SessionToken};
-use remotemedia_runtime_core::shm::{Access, Region};
 
 use crate::broker::{Books, InFlight};
 
@@ -76,23 +76,15 @@ struct Slot {
     id: String,
     offset: u64,
     byte_size: u64,
-    /// The sidecar's own mapping, made on first use (remote path only).
-    mapping: Option<Arc<Region>>,
 }
 
 impl Slot {
-    fn mapping(&mut self) -> Result<Arc<Region>, BrokeredError> {
-        if let Some(region) = &self.mapping {
-            return Ok(region.clone());
-        }
-        let region = Arc::new(
-            Region::from_sealed(self.hold.fd().clone(), Access::Shared).map_err(|error| {
-                tracing::warn!(%error, "failed to map a client region");
-                BrokeredError::Map
-            })?,
-        );
-        self.mapping = Some(region.clone());
-        Ok(region)
+    /// The sidecar's mapping of the region (remote path only).
+    fn mapping(&self) -> Result<Arc<Region>, BrokeredError> {
+        self.hold.mapping().map_err(|error| {
+            tracing::warn!(%error, "failed to map a client region");
+            BrokeredError::Map
+        })
     }
 
     fn set_parameters(
@@ -224,7 +216,7 @@ impl Brokered {
         for (index, input) in forwarded.inputs.iter_mut().enumerate() {
             match brokered.get(&index) {
                 Some(&slot) => {
-                    let slot = &mut self.inputs[slot].1;
+                    let slot = &self.inputs[slot].1;
                     let region = slot.mapping()?;
                     let (start, len) = (slot.offset as usize, slot.byte_size as usize);
                     raw.push(Bytes::from_owner(Slice { region, start, len }));
@@ -372,6 +364,5 @@ fn hold(
         id,
         offset,
         byte_size,
-        mapping: None,
     })
 }
