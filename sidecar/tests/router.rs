@@ -859,3 +859,37 @@ async fn the_sidecar_maps_a_region_once_for_remote_requests_and_unmaps_it_when_t
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_first_requests_for_a_region_are_all_read_in_place() {
+    let dir = TempDir::new("first-use");
+    let sidecar = Sidecar::start(&dir, &[]).await;
+    let near = Worker::start(&dir, "near", "builtin://checksum", Some(&dir.0)).await;
+    sidecar.discover(&[("near", &near, NODE)]);
+    let broker = BrokerClient::connect(&dir.0, "app").unwrap();
+    let client = sidecar.unix_client().await;
+    // Each round's requests race to be the first to use a new region: the worker redeems their
+    // grants on several threads, and the broker answers all but one with a handle and no
+    // descriptor, which must find the region the first one is still mapping.
+    for round in 0..20u8 {
+        let (region_handle, map) = region(&broker, 64 << 10, |i| (i as u8) ^ round);
+        let expected = expected_sum(&map.as_slice()[..64 << 10]);
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let mut client = client.clone();
+                let request = with_session(
+                    brokered_request("near", region_handle.key(), 0, 64 << 10),
+                    &broker,
+                );
+                tokio::spawn(async move { client.model_infer(request).await })
+            })
+            .collect();
+        for call in calls {
+            let response = call
+                .await
+                .unwrap()
+                .unwrap_or_else(|status| panic!("round {round}: {status:?}"));
+            assert_eq!(checksum(response.get_ref()), expected);
+        }
+    }
+}

@@ -74,6 +74,10 @@ pub struct Granted {
     client: BrokerClient,
     misaligned_copies: Counter,
     cache: Mutex<Cache>,
+    /// One redemption (or sweep) at a time, from the broker call to the cache update: a reply
+    /// naming a handle this session already holds must find it in the cache, which another
+    /// thread's redemption of the same region may still be about to fill.
+    redeeming: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -110,6 +114,7 @@ impl Granted {
             client: BrokerClient::connect(socket_dir, label)?,
             misaligned_copies,
             cache: Mutex::default(),
+            redeeming: Mutex::default(),
         })
     }
 
@@ -145,6 +150,7 @@ impl Granted {
 
     /// One sweep: nothing to ask while nothing is cached.
     fn sweep(&self) {
+        let _one_at_a_time = self.redeeming.lock().unwrap_or_else(|e| e.into_inner());
         if self.cache().regions.is_empty() {
             return;
         }
@@ -229,6 +235,7 @@ impl Granted {
         &self,
         grant: GrantToken,
     ) -> Result<(RegionHandleId, Arc<Registration>), GrantError> {
+        let _one_at_a_time = self.redeeming.lock().unwrap_or_else(|e| e.into_inner());
         let redeemed = self
             .client
             .redeem(grant)
