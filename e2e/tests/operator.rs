@@ -311,12 +311,10 @@ async fn examples_become_ready_deployments_with_service_and_disruption_budget() 
     assert!(pod.termination_grace_period_seconds.unwrap_or_default() >= 25);
     assert_eq!(cpu.spec.replicas, Some(2));
 
-    // The Service, labelled for discovery; a PDB only where there are several replicas.
-    let service = ns
-        .api::<Service>()
-        .get("silero-vad")
-        .await
-        .map_err(api("get the Service"))?;
+    // The Service, labelled for discovery; a PDB only where there are several replicas. The
+    // operator applies them after the Deployment, in one reconcile that may still be running.
+    let (service, _) =
+        time_until_exists(&ns.api::<Service>(), "silero-vad", Instant::now(), SETTLE).await?;
     assert_eq!(
         service.metadata.labels.as_ref().expect("labels")["remotemedia.io/model-id"],
         "silero-vad"
@@ -328,16 +326,10 @@ async fn examples_become_ready_deployments_with_service_and_disruption_budget() 
         .expect("ports")[0];
     assert_eq!((grpc.name.as_deref(), grpc.port), (Some("grpc"), 50051));
     let pdbs = ns.api::<PodDisruptionBudget>();
-    let pdb = pdbs.get("silero-vad").await.map_err(api("get the PDB"))?;
+    let (pdb, _) = time_until_exists(&pdbs, "silero-vad", Instant::now(), SETTLE).await?;
     assert_eq!(
         pdb.spec.and_then(|s| s.max_unavailable),
         Some(IntOrString::Int(1))
-    );
-    assert!(
-        pdbs.get_opt("whisper-small")
-            .await
-            .map_err(api("get the PDB"))?
-            .is_none()
     );
 
     // kwok runs the pods: Ready follows them.
@@ -358,6 +350,13 @@ async fn examples_become_ready_deployments_with_service_and_disruption_budget() 
             Some("False")
         );
     }
+    // whisper-small is Ready: a reconcile finished, and it made no PDB for one replica.
+    assert!(
+        pdbs.get_opt("whisper-small")
+            .await
+            .map_err(api("get the PDB"))?
+            .is_none()
+    );
     delete_models_volume(&client, &ns.name).await?;
     ns.delete().await
 }
