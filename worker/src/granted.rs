@@ -73,11 +73,10 @@ impl GrantError {
 pub struct Granted {
     client: BrokerClient,
     misaligned_copies: Counter,
+    /// Held from each redemption's (or sweep's) broker call to its last cache update and Forget:
+    /// a reply naming a handle this session already holds must find it in the cache, which
+    /// another thread's redemption of the same region may otherwise still be about to fill.
     cache: Mutex<Cache>,
-    /// One redemption (or sweep) at a time, from the broker call to the cache update: a reply
-    /// naming a handle this session already holds must find it in the cache, which another
-    /// thread's redemption of the same region may still be about to fill.
-    redeeming: Mutex<()>,
 }
 
 #[derive(Default)]
@@ -114,20 +113,21 @@ impl Granted {
             client: BrokerClient::connect(socket_dir, label)?,
             misaligned_copies,
             cache: Mutex::default(),
-            redeeming: Mutex::default(),
         })
     }
 
-    /// The cache, emptied first if the broker session changed (the broker restarted): the old
-    /// handles name nothing.
     fn cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Empties `cache` if the broker session changed (the broker restarted): the old handles
+    /// name nothing. Called after each broker call, which may have reconnected.
+    fn follow_session(&self, cache: &mut Cache) {
         let session = self.client.session_token();
-        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.session != session {
             cache.regions.clear();
             cache.session = session;
         }
-        cache
     }
 
     /// Starts a thread that unmaps and forgets, every `interval`, the cached regions the broker
@@ -150,13 +150,14 @@ impl Granted {
 
     /// One sweep: nothing to ask while nothing is cached.
     fn sweep(&self) {
-        let _one_at_a_time = self.redeeming.lock().unwrap_or_else(|e| e.into_inner());
-        if self.cache().regions.is_empty() {
+        let mut cache = self.cache();
+        if cache.regions.is_empty() {
             return;
         }
         match self.client.orphans() {
             Ok(orphans) => {
-                let dropped = take_orphans(&mut self.cache(), Vec::new(), orphans);
+                self.follow_session(&mut cache);
+                let dropped = take_orphans(&mut cache, Vec::new(), orphans);
                 self.forget_all(dropped);
             }
             Err(error) => tracing::debug!(%error, "failed to ask the broker for orphaned regions"),
@@ -235,7 +236,7 @@ impl Granted {
         &self,
         grant: GrantToken,
     ) -> Result<(RegionHandleId, Arc<Registration>), GrantError> {
-        let _one_at_a_time = self.redeeming.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = self.cache();
         let redeemed = self
             .client
             .redeem(grant)
@@ -246,7 +247,7 @@ impl Granted {
                 },
                 _ => GrantError::Broker(error),
             })?;
-        let mut cache = self.cache();
+        self.follow_session(&mut cache);
         cache.clock += 1;
         let now = cache.clock;
         let registration = match (redeemed.fd, cache.regions.get_mut(&redeemed.handle)) {
@@ -268,7 +269,6 @@ impl Granted {
             // The broker thinks this session holds a mapping it does not: drop the hold so the
             // next grant of the region brings the descriptor again.
             (None, None) => {
-                drop(cache);
                 let _ = self.client.forget(redeemed.handle);
                 return Err(GrantError::Refused {
                     kind: "tensor",
@@ -278,7 +278,6 @@ impl Granted {
         };
         let evicted = evict(&mut cache);
         let dropped = take_orphans(&mut cache, evicted, redeemed.orphaned);
-        drop(cache);
         self.forget_all(dropped);
         Ok((redeemed.handle, registration))
     }
