@@ -38,6 +38,24 @@ pub enum Transport {
 /// Metadata passed through to workers (W3C trace context).
 const PASSED_THROUGH: [&str; 2] = ["traceparent", "tracestate"];
 
+/// Calls `$method` with `$message` on `$route`'s worker, counted as outstanding, with the
+/// caller's deadline and trace headers; a worker that failed is marked down.
+macro_rules! call_worker {
+    ($route:expr, $method:ident, $message:expr, $metadata:expr) => {{
+        let route = &$route;
+        let _call = route.worker.start();
+        let answer = route
+            .worker
+            .client()
+            .$method(outgoing($message, $metadata, deadline($metadata)))
+            .await;
+        if answer.as_ref().is_err_and(worker_failed) {
+            route.worker.mark_down();
+        }
+        answer
+    }};
+}
+
 /// The sidecar's inference service; one per listener.
 #[derive(Clone)]
 pub struct RouterService {
@@ -321,20 +339,15 @@ impl RouterService {
                 name: route.model.clone(),
                 ..message.clone()
             };
-            let _call = route.worker.start();
-            let answer = route
-                .worker
-                .client()
-                .model_statistics(outgoing(asked, &metadata, deadline(&metadata)))
-                .await;
-            match answer {
+            match call_worker!(route, model_statistics, asked, &metadata) {
                 Ok(answer) => model_stats.extend(answer.into_inner().model_stats.into_iter().map(
                     |mut stats| {
                         stats.name = model.clone();
                         stats
                     },
                 )),
-                Err(status) if worker_failed(&status) => route.worker.mark_down(),
+                // Marked down; left out.
+                Err(status) if worker_failed(&status) => {}
                 Err(status) => return Err(status),
             }
         }
@@ -359,16 +372,7 @@ macro_rules! forward {
         let (metadata, _, mut message) = $request.into_parts();
         let route = $self.route_now(&message.name)?;
         message.name = route.model.clone();
-        let _call = route.worker.start();
-        let answer = route
-            .worker
-            .client()
-            .$method(outgoing(message, &metadata, deadline(&metadata)))
-            .await;
-        if answer.as_ref().is_err_and(worker_failed) {
-            route.worker.mark_down();
-        }
-        answer
+        call_worker!(route, $method, message, &metadata)
     }};
 }
 
