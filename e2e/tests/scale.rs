@@ -346,34 +346,11 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     assert!(asks(near) <= 1.0 && asks(far) <= 1.0);
     assert_eq!(near.metric(SCALED) + far.metric(SCALED), 1.0);
     assert_eq!(near.metric(FAILED) + far.metric(FAILED), 0.0);
-    assert_eq!(
-        workers
-            .get("vad-worker")
-            .await
-            .map_err(api("get"))?
-            .spec
-            .replicas,
-        1
-    );
-    assert_eq!(
-        workers
-            .get("asr-worker")
-            .await
-            .map_err(api("get"))?
-            .spec
-            .replicas,
-        0
-    );
+    assert_eq!(replicas(workers, "vad-worker").await?, 1);
+    assert_eq!(replicas(workers, "asr-worker").await?, 0);
 
     // Scaled to zero again (by a person): the next request opens a new episode and asks again.
-    workers
-        .patch_scale(
-            "vad-worker",
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "spec": { "replicas": 0 } })),
-        )
-        .await
-        .map_err(api("scale vad-worker to 0"))?;
+    scale_to_zero(workers, "vad-worker").await?;
     let (scaled_before, asks_before) = (near.metric(SCALED), asks(near));
     // Each request waits at most 1 s (its deadline), so each is an episode of its own.
     wait_until("a second ask", SETTLE, || async move {
@@ -386,15 +363,7 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     })
     .await?;
     assert_eq!(near.metric(SCALED), scaled_before + 1.0);
-    assert_eq!(
-        workers
-            .get("vad-worker")
-            .await
-            .map_err(api("get"))?
-            .spec
-            .replicas,
-        1
-    );
+    assert_eq!(replicas(workers, "vad-worker").await?, 1);
 
     for sidecar in [near, far] {
         let log = std::fs::read_to_string(&sidecar.process.log).unwrap_or_default();
@@ -406,6 +375,24 @@ async fn a_request_for_a_model_worker_at_zero_asks_for_one_replica_through_scale
     }
     helm_ok(&["uninstall", &ns.name, "-n", &ns.name]);
     ns.delete().await
+}
+
+/// `spec.replicas` of the ModelWorker `name`.
+async fn replicas(workers: &kube::Api<ModelWorker>, name: &str) -> Result<i32, Error> {
+    Ok(workers.get(name).await.map_err(api("get"))?.spec.replicas)
+}
+
+/// Scales the ModelWorker `name` to zero through its scale subresource, as a person would.
+async fn scale_to_zero(workers: &kube::Api<ModelWorker>, name: &str) -> Result<(), Error> {
+    workers
+        .patch_scale(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "spec": { "replicas": 0 } })),
+        )
+        .await
+        .map_err(api("scale a ModelWorker to 0"))?;
+    Ok(())
 }
 
 /// The served test's `--hold-timeout`: room for the scale-up, the pod and its worker's start.
@@ -528,26 +515,11 @@ async fn a_request_held_for_a_model_worker_at_zero_is_served_once_its_pod_runs_a
         // One ask per episode, and it scaled.
         assert_eq!(sidecar.metric(SCALED), f64::from(episode));
         assert_eq!(sidecar.metric(FAILED), 0.0);
-        assert_eq!(
-            workers
-                .get("sum-worker")
-                .await
-                .map_err(api("get"))?
-                .spec
-                .replicas,
-            1
-        );
+        assert_eq!(replicas(workers, "sum-worker").await?, 1);
 
         // Scaled to zero (by a person): the pod goes, then its process, and the sidecar's list
         // empties; the next episode starts from nothing.
-        workers
-            .patch_scale(
-                "sum-worker",
-                &PatchParams::default(),
-                &Patch::Merge(json!({ "spec": { "replicas": 0 } })),
-            )
-            .await
-            .map_err(api("scale sum-worker to 0"))?;
+        scale_to_zero(workers, "sum-worker").await?;
         wait_until("the worker pod gone", SETTLE, || async move {
             let listed = pods
                 .list(&ListParams::default().labels("remotemedia.io/model-worker=sum-worker"))
